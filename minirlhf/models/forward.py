@@ -1,0 +1,71 @@
+"""One forward pass of a causal LM over a padded batch -> per-token log-probs of the response.
+
+Every trainer needs ``log π_θ(y_t | x, y_<t)`` for the response tokens only (SFT, DPO, PPO, GRPO
+all start here). Two details make it correct and cheap:
+
+* ``position_ids`` come from the attention mask, so a left-padded row computes exactly what the
+  same row right-padded computes (the model never sees "position 7" for the first real token).
+* The LM head runs only where a response label can be. The logits ``[B, L, V]`` are the largest
+  tensor of a step (V = 151,936 for Qwen); a prompt of 200 tokens and a response of 50 need only
+  the last ~50 columns, so we ask the model for ``logits_to_keep`` columns and pad the log-probs
+  back to ``[B, T]`` so they stay aligned with the labels ``input_ids[:, 1:]``.
+"""
+import torch
+import torch.nn.functional as F
+
+from minirlhf.core.logprobs import entropy_from_logits, gather_logprobs, shift_for_next_token
+
+
+def position_ids_from_attention_mask(attention_mask):
+    """``position_ids[b, l] = (Σ_{k≤l} attention_mask[b, k]) − 1``, clamped at 0 on left padding.
+
+    Shapes: ``[B, L]`` -> ``[B, L]`` long. The first real token of every row gets position 0,
+    wherever the row starts.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def first_label_column(response_mask):
+    """Smallest ``t`` (in ``[0, T]``, the label axis) where any row has a response label; ``T`` if none.
+
+    Shapes: ``response_mask`` ``[B, L]``; labels are columns ``1..L-1`` of it.
+    """
+    columns_with_labels = response_mask[:, 1:].bool().any(dim=0)
+    if not columns_with_labels.any():
+        return columns_with_labels.numel()
+    return int(columns_with_labels.nonzero()[0])
+
+
+def response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):
+    """Per-token log-probs ``log π(y_t | y_<t)`` of a batch, computed only from the first response label on.
+
+    Args:
+        model: a Hugging Face causal LM (accepts ``position_ids`` and ``logits_to_keep``).
+        input_ids, attention_mask, response_mask: ``[B, L]`` (see DEVELOPERS.md, "Batches").
+        temperature: logits are divided by it first (use the sampling temperature for PPO/GRPO so
+            the ratio compares the distribution the tokens were actually drawn from).
+        return_entropy: also return the per-token entropy ``H(π(· | y_<t))`` (``[B, T]`` float32).
+
+    Returns ``(token_logprobs, mask)`` — or ``(token_logprobs, mask, entropy)`` — all ``[B, T]``
+    with ``T = L − 1``, aligned with the labels ``input_ids[:, 1:]``; ``mask = response_mask[:, 1:]``.
+    Columns before the first response label (in any row) are 0 and masked out. ``token_logprobs``
+    is float32 and differentiable w.r.t. the model's parameters.
+    """
+    start = first_label_column(response_mask)  # label column t is predicted by logits column t
+    length = input_ids.shape[1]
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_attention_mask(attention_mask),
+        logits_to_keep=length - start,  # logits for columns start..L-1
+        use_cache=False,
+    )
+    logits, labels, _ = shift_for_next_token(output.logits, input_ids[:, start:], response_mask[:, start:])
+    if temperature != 1.0:
+        logits = logits / temperature
+    # Left-pad the [B, T - start] results with `start` zero columns to restore the [B, T] alignment.
+    token_logprobs = F.pad(gather_logprobs(logits, labels), (start, 0))
+    mask = response_mask[:, 1:]
+    if return_entropy:
+        return token_logprobs, mask, F.pad(entropy_from_logits(logits), (start, 0))
+    return token_logprobs, mask

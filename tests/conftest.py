@@ -1,0 +1,60 @@
+import os
+
+# No hub access in tests: without this a hub name retries for ~20 s before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--impl",
+        default="minirlhf",
+        help="which implementation of the exercise functions to test: 'minirlhf' (reference), "
+        "'solutions', 'exercises', or a path to a student's folder",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "exercise(name): this test grades the homework exercise `name` through the `impl` fixture"
+    )
+
+
+@pytest.fixture(scope="session")
+def impl(request):
+    """The implementation under test (see minirlhf/homework/impl.py)."""
+    from minirlhf.homework.impl import load_implementation
+
+    return load_implementation(request.config.getoption("--impl"))
+
+
+# --- a local stand-in for a real Qwen2 checkpoint (tests/fixtures.py builds it) -----------------
+
+
+@pytest.fixture(scope="session")
+def qwen2_checkpoint(tmp_path_factory):
+    """Path of a directory shaped like ``Qwen/Qwen2.5-0.5B-Instruct``: tokenizer with Qwen's chat
+    template and special tokens, tiny ``Qwen2ForCausalLM`` in safetensors. Load your own copy
+    (``load_policy(path)``) if you mutate it."""
+    from fixtures import build_qwen2_like_checkpoint
+
+    return build_qwen2_like_checkpoint(tmp_path_factory.mktemp("qwen2_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(qwen2_checkpoint):
+    """The stand-in checkpoint's tokenizer (pad <|endoftext|>, eos <|im_end|>), left padding. Read-only."""
+    from minirlhf.models.policy import load_tokenizer
+
+    return load_tokenizer(qwen2_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(qwen2_checkpoint):
+    """The stand-in checkpoint's causal LM in eval mode. Read-only: do not train it."""
+    from minirlhf.models.policy import load_policy
+
+    return load_policy(qwen2_checkpoint).eval()

@@ -1,0 +1,473 @@
+"""DPO-family losses: gradient checks against the analytic gradient, exact optima, identities
+between variants, invariances and edge cases.
+
+Tests marked ``@pytest.mark.exercise`` grade a homework function through the ``impl`` fixture
+(dpo_loss: the "sigmoid" and "ipo" paths; simpo_loss). The other variants are reference code.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+from minirlhf.core.dpo_losses import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    dpop_penalty,
+    kto_loss,
+    log1mexp,
+    orpo_loss,
+    rdpo_length_margin,
+)
+from minirlhf.core.reward_losses import bradley_terry_loss
+
+EXERCISE_TYPES = ("sigmoid", "ipo")
+REFERENCE_TYPES = ("cdpo", "robust", "hinge")
+SMOOTHING = {"cdpo": 0.2, "robust": 0.2}
+
+
+def randn(*shape, seed=0, scale=3.0, shift=0.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (shift + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+
+def four_logps(B=6, seed=0):
+    """policy_chosen, policy_rejected, ref_chosen, ref_rejected: summed log-probs, float64 leaves."""
+    return tuple(randn(B, seed=seed + i, shift=-20.0) for i in range(4))
+
+
+def minimise(loss_fn, params, steps=200):
+    """LBFGS: exact on these one- or two-parameter smooth convex problems."""
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=steps, tolerance_grad=1e-12,
+                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+def analytic_dloss_dh(h, beta, loss_type, eps=0.0):
+    """∂L/∂h for each loss type, with z = βh. The chain rule then gives ∂L/∂log π(y_w) = ∂L/∂h,
+    ∂L/∂log π(y_l) = −∂L/∂h, and the reference log-probs the opposite signs."""
+    z = beta * h
+    if loss_type == "sigmoid":  # −log σ(z)
+        return -beta * torch.sigmoid(-z)
+    if loss_type == "cdpo":  # −(1−ε) log σ(z) − ε log σ(−z)
+        return beta * (-(1 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z))
+    if loss_type == "robust":  # [−(1−ε) log σ(z) + ε log σ(−z)] / (1 − 2ε)
+        return beta * (-(1 - eps) * torch.sigmoid(-z) - eps * torch.sigmoid(z)) / (1 - 2 * eps)
+    if loss_type == "ipo":  # (h − 1/(2β))²
+        return 2 * (h - 1 / (2 * beta))
+    if loss_type == "hinge":  # max(0, 1 − z)
+        return -beta * (z < 1).to(h.dtype)
+    raise AssertionError(loss_type)
+
+
+# --------------------------------------------------------------------------- dpo_loss: gradients
+
+
+def check_dpo_gradients(loss_fn, loss_type):
+    logps = four_logps(seed=1)
+    eps = SMOOTHING.get(loss_type, 0.0)
+    beta = 0.5
+    assert gradcheck(lambda *x: loss_fn(*x, beta=beta, loss_type=loss_type, label_smoothing=eps)[0], logps)
+
+    losses, _, _ = loss_fn(*logps, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    losses.sum().backward()  # per-example losses: each example's gradient lands on its own inputs
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
+    with torch.no_grad():
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        dh = analytic_dloss_dh(h, beta, loss_type, eps)
+    torch.testing.assert_close(policy_chosen.grad, dh)
+    torch.testing.assert_close(policy_rejected.grad, -dh)
+    torch.testing.assert_close(ref_chosen.grad, -dh)
+    torch.testing.assert_close(ref_rejected.grad, dh)
+
+
+@pytest.mark.exercise("dpo_loss")
+@pytest.mark.parametrize("loss_type", EXERCISE_TYPES)
+def test_dpo_gradients_exercise(impl, loss_type):
+    check_dpo_gradients(impl.dpo_loss, loss_type)
+
+
+@pytest.mark.parametrize("loss_type", REFERENCE_TYPES)
+def test_dpo_gradients_variants(loss_type):
+    check_dpo_gradients(dpo_loss, loss_type)
+
+
+@pytest.mark.exercise("dpo_loss")
+def test_dpo_is_bradley_terry_on_implicit_rewards(impl):
+    logps = four_logps(seed=2)
+    losses, chosen_rewards, rejected_rewards = impl.dpo_loss(*logps, beta=0.1)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = (x.detach() for x in logps)
+    torch.testing.assert_close(chosen_rewards, 0.1 * (policy_chosen - ref_chosen))
+    torch.testing.assert_close(rejected_rewards, 0.1 * (policy_rejected - ref_rejected))
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad  # logging only
+    bt_loss, _ = bradley_terry_loss(chosen_rewards, rejected_rewards)
+    torch.testing.assert_close(losses.mean(), bt_loss)
+
+
+@pytest.mark.exercise("dpo_loss")
+@pytest.mark.parametrize("loss_type", EXERCISE_TYPES)
+def test_dpo_batch_order_invariance(impl, loss_type):
+    logps = [x.detach() for x in four_logps(B=8, seed=3)]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    losses = impl.dpo_loss(*logps, beta=0.2, loss_type=loss_type)[0]
+    permuted = impl.dpo_loss(*(x[perm] for x in logps), beta=0.2, loss_type=loss_type)[0]
+    torch.testing.assert_close(permuted, losses[perm])
+
+
+# --------------------------------------------------------------------------- dpo_loss: exact optima
+
+
+@pytest.mark.exercise("dpo_loss")
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_ipo_optimum_is_one_over_two_beta(impl, beta):
+    # IPO regresses h onto 1/(2β): for one pair the loss is a parabola with its minimum there.
+    policy_chosen = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
+    policy_rejected, ref_chosen, ref_rejected = (torch.tensor([v], dtype=torch.float64) for v in (-2.0, -2.5, -1.0))
+
+    def loss_fn():
+        logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        return impl.dpo_loss(*logps, beta=beta, loss_type="ipo")[0].sum()
+
+    minimise(loss_fn, [policy_chosen])
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    assert h.item() == pytest.approx(1 / (2 * beta), abs=1e-6)
+    assert loss_fn().item() == pytest.approx(0.0, abs=1e-10)
+
+
+def expected_dpo_loss(loss_fn, h, p, beta, **kwargs):
+    """Expected loss for one pair whose label says "a ≻ b" with probability p (BT-sampled labels):
+    with probability 1 − p the same pair arrives swapped, i.e. with h → −h."""
+    zero = torch.zeros_like(h)
+    forward = loss_fn(h, zero, zero, zero, beta=beta, **kwargs)[0]
+    swapped = loss_fn(zero, h, zero, zero, beta=beta, **kwargs)[0]
+    return (p * forward + (1 - p) * swapped).sum()
+
+
+@pytest.mark.exercise("dpo_loss")
+@pytest.mark.parametrize("p", [0.6, 0.9])
+def test_dpo_optimum_recovers_label_rate(impl, p):
+    # The tabular DPO optimum is the BT MLE: σ(βh*) = p, i.e. h* = logit(p)/β.
+    beta = 0.5
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    minimise(lambda: expected_dpo_loss(impl.dpo_loss, h, p, beta), [h])
+    assert torch.sigmoid(beta * h).item() == pytest.approx(p, abs=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.6, 1.0])
+def test_cdpo_optimum_is_shrunk_by_label_smoothing(p):
+    # With labels at rate p and assumed flip rate ε, the expected cDPO loss is a cross-entropy
+    # against the target p(1−ε) + (1−p)ε, which is what σ(βh*) converges to. p = 1 (clean labels)
+    # gives σ(βh*) = 1 − ε: a finite optimum where plain DPO would push h to infinity.
+    beta, eps = 0.5, 0.1
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    minimise(lambda: expected_dpo_loss(dpo_loss, h, p, beta, loss_type="cdpo", label_smoothing=eps), [h])
+    assert torch.sigmoid(beta * h).item() == pytest.approx(p * (1 - eps) + (1 - p) * eps, abs=1e-6)
+
+
+def test_cdpo_is_dpo_averaged_over_flipped_labels():
+    logps = [x.detach() for x in four_logps(seed=4)]
+    eps = 0.3
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
+    as_labelled = dpo_loss(*logps, beta=0.2)[0]
+    flipped = dpo_loss(policy_rejected, policy_chosen, ref_rejected, ref_chosen, beta=0.2)[0]
+    cdpo = dpo_loss(*logps, beta=0.2, loss_type="cdpo", label_smoothing=eps)[0]
+    torch.testing.assert_close(cdpo, (1 - eps) * as_labelled + eps * flipped)
+
+
+def test_robust_is_unbiased_under_label_noise():
+    # Chowdhury et al.: if each label is flipped with probability ε, the expected robust loss on
+    # the noisy labels equals the plain DPO loss on the clean ones.
+    logps = [x.detach() for x in four_logps(seed=5)]
+    eps = 0.3
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
+    kept = dpo_loss(*logps, beta=0.2, loss_type="robust", label_smoothing=eps)[0]
+    flipped = dpo_loss(policy_rejected, policy_chosen, ref_rejected, ref_chosen, beta=0.2,
+                       loss_type="robust", label_smoothing=eps)[0]
+    torch.testing.assert_close((1 - eps) * kept + eps * flipped, dpo_loss(*logps, beta=0.2)[0])
+
+
+@pytest.mark.parametrize("loss_type", ["cdpo", "robust"])
+def test_zero_label_smoothing_is_plain_dpo(loss_type):
+    logps = [x.detach() for x in four_logps(seed=6)]
+    torch.testing.assert_close(
+        dpo_loss(*logps, beta=0.3, loss_type=loss_type, label_smoothing=0.0)[0], dpo_loss(*logps, beta=0.3)[0]
+    )
+
+
+def test_hinge_by_hand():
+    # SLiC: max(0, 1 − βh); with β = 0.5, h = (0, 1, 2, 4) gives 1, 0.5, 0, 0.
+    h = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    zero = torch.zeros(4)
+    losses = dpo_loss(h, zero, zero, zero, beta=0.5, loss_type="hinge")[0]
+    torch.testing.assert_close(losses, torch.tensor([1.0, 0.5, 0.0, 0.0]))
+
+
+# --------------------------------------------------------------------------- dpo_loss: edges, errors
+
+
+@pytest.mark.exercise("dpo_loss")
+def test_dpo_sigmoid_beta_zero_and_extremes(impl):
+    logps = four_logps(seed=7)
+    losses = impl.dpo_loss(*logps, beta=0.0)[0]
+    losses.sum().backward()
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))  # no preference learnt yet
+    assert all((x.grad == 0).all() for x in logps)
+
+    # |βh| huge, and a rejected response impossible under π (log π = −inf, so h = +inf).
+    policy_chosen = torch.tensor([-1.0, -1e6, -1.0], requires_grad=True)
+    policy_rejected = torch.tensor([-1e6, -1.0, float("-inf")], requires_grad=True)
+    ref = torch.tensor([-5.0, -5.0, -5.0])
+    losses = impl.dpo_loss(policy_chosen, policy_rejected, ref, ref, beta=0.1)[0]
+    losses.sum().backward()
+    torch.testing.assert_close(losses, torch.tensor([0.0, 0.1 * (1e6 - 1), 0.0]))
+    assert torch.isfinite(policy_chosen.grad).all() and torch.isfinite(policy_rejected.grad).all()
+
+
+@pytest.mark.parametrize("loss_type", ["cdpo", "robust", "hinge"])
+def test_dpo_variants_beta_zero_and_extremes(loss_type):
+    eps = SMOOTHING.get(loss_type, 0.0)
+    policy_chosen = torch.tensor([-1.0, -1e6, -3.0], requires_grad=True)
+    policy_rejected = torch.tensor([-1e6, -1.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-5.0, -5.0, -5.0])
+    for beta in (0.0, 0.1):
+        losses = dpo_loss(policy_chosen, policy_rejected, ref, ref, beta=beta,
+                          loss_type=loss_type, label_smoothing=eps)[0]
+        losses.sum().backward()
+        assert torch.isfinite(losses).all()
+        assert torch.isfinite(policy_chosen.grad).all() and torch.isfinite(policy_rejected.grad).all()
+
+
+def test_dpo_rejects_bad_arguments():
+    logps = [torch.randn(3) for _ in range(4)]
+    with pytest.raises(ValueError, match="sigmoid.*cdpo.*robust.*ipo.*hinge"):
+        dpo_loss(*logps, loss_type="simpo")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*logps, loss_type="sigmoid", label_smoothing=0.1)  # would be silently ignored
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*logps, loss_type="robust", label_smoothing=0.5)  # divides by 1 − 2ε
+    with pytest.raises(ValueError, match="beta > 0"):
+        dpo_loss(*logps, beta=0.0, loss_type="ipo")
+    with pytest.raises(ValueError, match="one shape"):
+        dpo_loss(logps[0], logps[1][:2], logps[2], logps[3])  # would broadcast to [3, 2] otherwise
+    assert set(DPO_LOSS_TYPES) == set(EXERCISE_TYPES) | set(REFERENCE_TYPES)
+
+
+# --------------------------------------------------------------------------- DPOP and R-DPO
+
+
+def test_rdpo_is_dpo_with_a_length_margin():
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = (x.detach() for x in four_logps(seed=8))
+    chosen_lengths, rejected_lengths = torch.tensor([10, 3, 7, 7, 1, 20]), torch.tensor([4, 9, 7, 2, 1, 5])
+    beta, alpha = 0.1, 0.05
+    margin = rdpo_length_margin(chosen_lengths, rejected_lengths, alpha)
+    losses = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, logit_offset=margin)[0]
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    expected = -F.logsigmoid(beta * h - alpha * (chosen_lengths - rejected_lengths))
+    torch.testing.assert_close(losses, expected)
+    equal_length = rdpo_length_margin(chosen_lengths, chosen_lengths, alpha)
+    torch.testing.assert_close(
+        dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, logit_offset=equal_length)[0],
+        dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)[0],
+    )
+
+
+def test_dpop_penalises_only_a_chosen_response_below_the_reference():
+    # Rows: log π(y_w) above the reference (no penalty: plain DPO), and below it (penalised).
+    # Below: z = β(h − λ(log π_ref(y_w) − log π(y_w))), so ∂L/∂log π(y_w) = −β(1 + λ)σ(−z).
+    beta, lam = 0.1, 5.0
+    policy_chosen = torch.tensor([-4.0, -9.0], dtype=torch.float64, requires_grad=True)
+    policy_rejected = torch.tensor([-8.0, -8.0], dtype=torch.float64, requires_grad=True)
+    ref_chosen = torch.tensor([-5.0, -5.0], dtype=torch.float64)
+    ref_rejected = torch.tensor([-6.0, -6.0], dtype=torch.float64)
+    penalty = dpop_penalty(policy_chosen, ref_chosen, lam)
+    torch.testing.assert_close(penalty.detach(), torch.tensor([0.0, lam * 4.0], dtype=torch.float64))
+    logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = dpo_loss(*logps, beta=beta, logit_offset=beta * penalty)[0]
+    plain = dpo_loss(*logps, beta=beta)[0]
+    torch.testing.assert_close(losses[0], plain[0])
+    losses.sum().backward()
+    with torch.no_grad():
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        z = beta * (h - penalty)
+        push = torch.sigmoid(-z)
+        chosen_weight = torch.tensor([1.0, 1.0 + lam], dtype=torch.float64)
+        torch.testing.assert_close(policy_chosen.grad, -beta * chosen_weight * push)
+        torch.testing.assert_close(policy_rejected.grad, beta * push)
+
+
+def test_dpop_and_rdpo_gradcheck():
+    logps = four_logps(seed=9)
+    lengths_w, lengths_l = torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([9, 8, 7, 6, 5, 4])
+
+    def loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+        offset = 0.2 * dpop_penalty(policy_chosen, ref_chosen, lam=3.0) + rdpo_length_margin(lengths_w, lengths_l, 0.01)
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.2, logit_offset=offset)[0]
+
+    assert gradcheck(loss, logps)
+
+
+# --------------------------------------------------------------------------- SimPO
+
+
+@pytest.mark.exercise("simpo_loss")
+def test_simpo_by_hand_and_analytic_gradient(impl):
+    # L = −log σ(β·a_w − β·a_l − γ);  ∂L/∂a_w = −β σ(−z),  ∂L/∂a_l = +β σ(−z)
+    beta, gamma = 2.0, 0.3
+    chosen, rejected = randn(5, seed=10, scale=0.5, shift=-1.0), randn(5, seed=11, scale=0.5, shift=-1.0)
+    losses, chosen_rewards, rejected_rewards = impl.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
+    losses.sum().backward()
+    with torch.no_grad():
+        z = beta * chosen - beta * rejected - gamma
+        torch.testing.assert_close(losses, -F.logsigmoid(z))
+        torch.testing.assert_close(chosen.grad, -beta * torch.sigmoid(-z))
+        torch.testing.assert_close(rejected.grad, beta * torch.sigmoid(-z))
+        torch.testing.assert_close(chosen_rewards, beta * chosen)
+        torch.testing.assert_close(rejected_rewards, beta * rejected)
+    assert not chosen_rewards.requires_grad
+    # the paper's check value: β = 2, a_w − a_l = 0.2, γ = 0.3 gives −log σ(0.1)
+    one = impl.simpo_loss(torch.tensor([-0.5]), torch.tensor([-0.7]), beta=2.0, gamma=0.3)[0]
+    assert one.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), rel=1e-5)
+
+
+@pytest.mark.exercise("simpo_loss")
+def test_simpo_gradcheck_and_edges(impl):
+    assert gradcheck(lambda a, b: impl.simpo_loss(a, b, beta=2.5, gamma=1.0)[0],
+                     (randn(4, seed=12, scale=0.5, shift=-1.0), randn(4, seed=13, scale=0.5, shift=-1.0)))
+    chosen = torch.tensor([-1e6, -0.1, float("-inf")], requires_grad=True)
+    rejected = torch.tensor([-0.1, -1e6, -0.1], requires_grad=True)
+    losses = impl.simpo_loss(chosen, rejected, beta=0.0, gamma=0.5)[0]
+    assert torch.isfinite(losses[:2]).all()  # β = 0: only the margin is left
+    losses = impl.simpo_loss(chosen, rejected)[0]
+    losses.sum().backward()
+    assert not torch.isnan(losses).any() and torch.isfinite(chosen.grad).all()
+
+
+@pytest.mark.exercise("simpo_loss")
+def test_simpo_is_reference_free_dpo_with_a_margin(impl):
+    chosen, rejected = (randn(6, seed=s, scale=0.5, shift=-1.0).detach() for s in (14, 15))
+    zero = torch.zeros(6, dtype=torch.float64)
+    simpo = impl.simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)[0]
+    torch.testing.assert_close(simpo, dpo_loss(chosen, rejected, zero, zero, beta=2.0, logit_offset=0.5)[0])
+
+
+# --------------------------------------------------------------------------- ORPO
+
+
+def test_log1mexp_is_accurate_near_zero_and_far_below():
+    x = torch.tensor([-1e-20, -1e-10, -1e-3, -math.log(2), -1.0, -50.0, -1000.0], dtype=torch.float64)
+    # exact values, from log(1 − eˣ) = log(−x) + log((1 − eˣ)/(−x)) and the series near 0 / far below
+    expected = torch.tensor([
+        math.log(1e-20), math.log(1e-10) - 5e-11, math.log(-math.expm1(-1e-3)), -math.log(2),
+        math.log1p(-math.exp(-1.0)), -math.exp(-50.0), -0.0,
+    ], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), expected, rtol=1e-14, atol=0)
+    # float32: the naive formulas give −inf near 0 and 0 far below; this does not
+    x32 = torch.tensor([-1e-10, -30.0])
+    torch.testing.assert_close(log1mexp(x32), torch.tensor([math.log(1e-10), -math.exp(-30.0)]), rtol=1e-6, atol=0)
+    assert log1mexp(torch.tensor([0.0])).item() == -math.inf
+    around_the_switch = torch.tensor([-1e-3, -0.69, -0.7, -5.0, -40.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(log1mexp, (around_the_switch,))
+
+
+def test_orpo_by_hand():
+    # P(y_w) = 0.4, P(y_l) = 0.2: log odds ratio = log(0.4/0.6) − log(0.2/0.8)
+    lam = 0.1
+    losses, log_odds_ratio = orpo_loss(torch.tensor([math.log(0.4)]), torch.tensor([math.log(0.2)]), lam=lam)
+    expected_ratio = math.log(0.4 / 0.6) - math.log(0.2 / 0.8)
+    assert log_odds_ratio.item() == pytest.approx(expected_ratio, rel=1e-6)
+    assert losses.item() == pytest.approx(lam * math.log1p(math.exp(-expected_ratio)), rel=1e-6)
+
+
+def test_orpo_gradcheck_and_analytic_gradient():
+    # log odds(a) = a − log(1 − eᵃ) has derivative 1/(1 − eᵃ), so with ℓ = log odds_w − log odds_l:
+    #   ∂L/∂a_w = −λ σ(−ℓ) / (1 − e^{a_w}),   ∂L/∂a_l = +λ σ(−ℓ) / (1 − e^{a_l})
+    lam = 0.5
+    chosen = randn(5, seed=16, scale=0.5, shift=-1.5).clamp(max=-0.05).detach().requires_grad_()
+    rejected = randn(5, seed=17, scale=0.5, shift=-1.5).clamp(max=-0.05).detach().requires_grad_()
+    assert gradcheck(lambda a, b: orpo_loss(a, b, lam=lam)[0], (chosen, rejected))
+    losses, log_odds_ratio = orpo_loss(chosen, rejected, lam=lam)
+    losses.sum().backward()
+    with torch.no_grad():
+        push = torch.sigmoid(-log_odds_ratio)
+        torch.testing.assert_close(chosen.grad, -lam * push / (1 - chosen.exp()))
+        torch.testing.assert_close(rejected.grad, lam * push / (1 - rejected.exp()))
+
+
+def test_orpo_edges_are_not_nan():
+    # average log-prob 0 (P = 1, infinite odds), tiny, huge negative, and −inf (P = 0)
+    chosen = torch.tensor([0.0, -1e-12, -1e4, -1.0, 0.0], requires_grad=True)
+    rejected = torch.tensor([-1.0, -1.0, -1.0, float("-inf"), 0.0], requires_grad=True)
+    losses, log_odds_ratio = orpo_loss(chosen, rejected, lam=1.0)
+    losses.sum().backward()
+    assert not torch.isnan(losses).any() and not torch.isnan(log_odds_ratio).any()
+    assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    assert losses[-1].item() == pytest.approx(math.log(2))  # both certain: no preference either way
+
+
+# --------------------------------------------------------------------------- KTO
+
+
+def test_kto_by_hand_and_analytic_gradient():
+    # desirable:   L = λ_D(1 − σ(u)), u = β(r − z0)  ->  ∂L/∂log π = −λ_D β σ(u)σ(−u)
+    # undesirable: L = λ_U(1 − σ(v)), v = β(z0 − r)  ->  ∂L/∂log π = +λ_U β σ(v)σ(−v)
+    beta, z0, lam_d, lam_u = 0.5, 0.3, 1.0, 1.5
+    policy, ref = randn(6, seed=18, shift=-10.0), randn(6, seed=19, shift=-10.0)
+    desirable = torch.tensor([True, False, True, True, False, False])
+    losses, rewards = kto_loss(policy, ref, desirable, z0, beta=beta, desirable_weight=lam_d, undesirable_weight=lam_u)
+    losses.sum().backward()
+    with torch.no_grad():
+        r = policy - ref
+        u, v = beta * (r - z0), beta * (z0 - r)
+        expected_losses = torch.where(desirable, lam_d * (1 - torch.sigmoid(u)), lam_u * (1 - torch.sigmoid(v)))
+        torch.testing.assert_close(losses, expected_losses)
+        expected_grad = torch.where(
+            desirable,
+            -lam_d * beta * torch.sigmoid(u) * torch.sigmoid(-u),
+            lam_u * beta * torch.sigmoid(v) * torch.sigmoid(-v),
+        )
+        torch.testing.assert_close(policy.grad, expected_grad)
+        torch.testing.assert_close(ref.grad, -expected_grad)
+        torch.testing.assert_close(rewards, beta * r)
+    assert not rewards.requires_grad
+
+
+def test_kto_gradcheck_and_reference_point():
+    policy, ref = randn(6, seed=20, shift=-10.0), randn(6, seed=21, shift=-10.0)
+    desirable = torch.tensor([1, 0, 1, 0, 1, 1])
+    kl = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda p, r: kto_loss(p, r, desirable, kl.detach(), beta=0.3)[0], (policy, ref))
+    losses, _ = kto_loss(policy, ref, desirable, kl, beta=0.3)
+    losses.sum().backward()
+    assert kl.grad is None  # z0 is a baseline: no gradient flows into the KL estimate
+    # a negative KL estimate (noise) is clamped to 0
+    torch.testing.assert_close(kto_loss(policy, ref, desirable, -0.7)[0], kto_loss(policy, ref, desirable, 0.0)[0])
+
+
+@pytest.mark.parametrize("all_desirable", [True, False])
+def test_kto_single_kind_batches_and_edges(all_desirable):
+    policy = torch.tensor([-1.0, -1e6, -3.0, float("-inf")], requires_grad=True)
+    ref = torch.tensor([-2.0, -2.0, -1e6, -2.0])
+    desirable = torch.full((4,), all_desirable)
+    losses, _ = kto_loss(policy, ref, desirable, kl_reference=0.5, beta=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(policy.grad).all()
+    assert ((losses >= 0) & (losses <= 1)).all()
+    # β = 0: every response sits at the reference point, loss λ·½ (finite rows: 0·∞ is undefined)
+    torch.testing.assert_close(kto_loss(policy[:3], ref[:3], desirable[:3], 0.5, beta=0.0)[0], torch.full((3,), 0.5))
+
+
+def test_kto_batch_order_invariance():
+    policy, ref = (randn(8, seed=s, shift=-10.0).detach() for s in (22, 23))
+    desirable = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0]).bool()
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        kto_loss(policy[perm], ref[perm], desirable[perm], 0.2)[0], kto_loss(policy, ref, desirable, 0.2)[0][perm]
+    )
