@@ -3,17 +3,16 @@
 Three kinds of test live here:
 - the find-the-bug exercises' property checks (marked, so they grade ``--impl PATH``);
 - the generator (``minirlhf/homework/build.py``) and the loader (``impl.py``), in-process;
-- the grader end to end: ``solutions/`` gets full marks, untouched ``exercises/`` gets zero, and a
-  submission with planted faults (a wrong value, a wrong shape, a syntax error, an endless loop
-  in a function and at import time) loses exactly those exercises' points. These run the grader's
-  worker subprocess, ~10 s each, so there are only two of them.
+- the grader end to end, in one class of three submissions graded at once: ``solutions/`` gets
+  full marks, untouched ``exercises/`` gets zero, and a submission with planted faults (a wrong
+  value, a wrong shape, a syntax error, a crash, an endless loop in a function and at import time)
+  loses exactly those exercises' points. It starts the grader's worker subprocesses (~10 s each),
+  so it is the only test that does.
 """
 import csv
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -202,6 +201,9 @@ def test_every_exercise_function_is_graded_and_every_graded_test_counts():
     assert marked <= set(grade.ROLE_OF), f"tests marked for functions no exercise owns: {marked - set(grade.ROLE_OF)}"
     untested = [ex.name for ex in grade.EXERCISES if not marked & set(ex.functions)]
     assert not untested, f"exercises without a single marked test: {untested}"
+    readme = (REPO / "exercises" / "README.md").read_text(encoding="utf-8")
+    unlisted = [ex.name for ex in grade.EXERCISES if f"| `{ex.name}` |" not in readme]
+    assert not unlisted, f"exercises missing from the table in exercises/README.md: {unlisted}"
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -235,20 +237,22 @@ def test_reference_implementation_exposes_every_exercise_function():
 # ----------------------------------------------------------------------------- the grader, end to end
 
 
-def test_grading_solutions_gives_full_marks_as_json():
-    run = subprocess.run(
-        [sys.executable, "-m", "minirlhf", "grade", "solutions", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
+def test_cli_prints_the_json_schema_and_a_table_with_hints(monkeypatch, capsys, tmp_path):
+    def fake_grade(path, timeout, exercises, verbose):
+        rows = [{"name": ex.name, "passed": ex.name != "gae", "points": 0 if ex.name == "gae" else ex.points,
+                 "max_points": ex.points, "message": "boom" if ex.name == "gae" else "all checks passed"}
+                for ex in exercises]
+        return {"total": sum(r["points"] for r in rows), "max": sum(ex.points for ex in exercises), "exercises": rows}
+
+    monkeypatch.setattr(grade, "grade", fake_grade)
+    assert grade.main([str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert list(result) == ["total", "max", "exercises"]
-    assert [list(row) for row in result["exercises"]] == [["name", "passed", "points", "max_points", "message"]] * len(
-        grade.EXERCISES
-    )
-    failed = {row["name"]: row["message"] for row in result["exercises"] if not row["passed"]}
-    assert not failed, failed
-    assert result["total"] == result["max"] == sum(ex.points for ex in grade.EXERCISES)
+    assert all(list(row) == ["name", "passed", "points", "max_points", "message"] for row in result["exercises"])
+    assert grade.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"gae +0 / 10 +FAIL", table) and "boom" in table and "hint: loop t backwards" in table
+    assert re.search(r"total +90 / 100", table)
 
 
 # Planted faults, each in a copy of solutions/: exercise name -> (file, text appended, message).
@@ -261,14 +265,17 @@ PLANTED = {
              "\n_group_advantages = group_advantages\n\n\ndef group_advantages(*args, **kwargs):\n"
              "    return _group_advantages(*args, **kwargs)[:, None]\n",
              None),
+    "simpo": ("core/dpo_losses.py",  # the process dies: the grader restarts it for the rest
+              "\n\ndef simpo_loss(*args, **kwargs):\n    import os\n    os._exit(3)\n", "died (exit status 3)"),
     "gae": ("core/gae.py", "\n\ndef gae_advantages(*args, **kwargs):\n    while True:\n        pass\n", "timed out"),
-    "template": ("data/templates.py", "\n\ndef homework(record:\n    return None\n", "SyntaxError"),
+    "template": ("data/templates.py", "\n\ndef homework_template(record:\n    return None\n", "SyntaxError"),
     "rm_end_score": ("models/reward_model.py", "\nwhile True:\n    pass\n", "failed to import: ExerciseTimeout"),
 }
 
 
-def test_grading_a_class_untouched_stubs_get_zero_and_planted_faults_cost_exactly_their_points(tmp_path):
+def test_grading_a_class_solutions_full_untouched_zero_planted_faults_cost_exactly_their_points(tmp_path):
     submissions = tmp_path / "submissions"
+    shutil.copytree(REPO / "solutions", submissions / "reference", ignore=shutil.ignore_patterns("*.md"))
     shutil.copytree(REPO / "exercises", submissions / "untouched", ignore=shutil.ignore_patterns("*.md"))
     shutil.copytree(REPO / "solutions", submissions / "broken", ignore=shutil.ignore_patterns("*.md"))
     for file, text, _ in PLANTED.values():
@@ -276,7 +283,12 @@ def test_grading_a_class_untouched_stubs_get_zero_and_planted_faults_cost_exactl
             f.write(text)
     out = tmp_path / "grades"
 
-    assert grade.main(["--all", str(submissions), "--out", str(out), "--timeout", "4"]) == 0
+    assert grade.main(["--all", str(submissions), "--out", str(out), "--timeout", "4", "--jobs", "3"]) == 0
+
+    reference = json.loads((out / "reference.json").read_text())
+    failed = {row["name"]: row["message"] for row in reference["exercises"] if not row["passed"]}
+    assert not failed, failed
+    assert reference["total"] == reference["max"] == sum(ex.points for ex in grade.EXERCISES) == 100
 
     untouched = json.loads((out / "untouched.json").read_text())
     assert untouched["total"] == 0 and not any(row["passed"] for row in untouched["exercises"])

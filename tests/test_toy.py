@@ -368,8 +368,8 @@ def test_bandit_gradient_ascent_on_tabular_logits_finds_the_closed_form():
 
 def test_bandit_preference_pairs_are_distinct_and_bradley_terry():
     bandit = make_bandit(num_prompts=2, num_actions=3, seed=2)
-    prompts, chosen, rejected = bandit.sample_preference_pairs(60_000, torch.Generator().manual_seed(0))
-    assert prompts.shape == chosen.shape == rejected.shape == (60_000,)
+    prompts, chosen, rejected = bandit.sample_preference_pairs(30_000, torch.Generator().manual_seed(0))
+    assert prompts.shape == chosen.shape == rejected.shape == (30_000,)
     assert (chosen != rejected).all()
     for x in range(2):
         for a in range(3):

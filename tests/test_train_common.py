@@ -66,7 +66,7 @@ def test_help_comes_from_attribute_docstrings(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "KL strength β of the demo" in text
     assert "Examples per optimizer step" in text  # inherited field
-    args = common.parse_args(DemoArgs, ["--beta", "0.5", "--micro_batch_size", "2", "--flag", "--lr-schedule", "linear"])
+    args = common.parse_args(DemoArgs, ["--beta", "0.5", "--micro-batch-size", "2", "--flag", "--lr-schedule", "linear"])
     assert (args.beta, args.micro_batch_size, args.flag, args.lr_schedule) == (0.5, 2, True, "linear")
     with pytest.raises(SystemExit):
         common.parse_args(DemoArgs, ["--lr-schedule", "nope"])
@@ -108,7 +108,7 @@ def test_gradient_accumulation_equals_big_batch_token_mean(split):
         micro, lambda b: sft_loss(model, b), [n / sum(tokens) for n in tokens], device="cpu", guard=guard, step=0
     )
     torch.testing.assert_close(_grads(model), expected, rtol=1e-10, atol=1e-12)
-    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-10)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-10)
     if len(split) > 1:  # weighting by examples instead of tokens is *not* the big-batch gradient
         model.zero_grad()
         common.accumulate_gradients(micro, lambda b: sft_loss(model, b), [n / 8 for n in split], device="cpu", guard=guard, step=0)
@@ -199,7 +199,7 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9))
     full_rows = common.read_metrics(tmp_path / "full")
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full_rows], rel=1e-6)
-    assert [r["step"] for r in common.read_metrics(tmp_path / "cut", "eval")] == [2, 4, 6, 8]
+    assert [r["step"] for r in common.read_metrics(tmp_path / "cut", "eval")] == [0, 2, 4, 6, 8]
     assert list((tmp_path / "cut" / "tb").glob("events.out.tfevents.*"))
     # The final model reloads with plain transformers and computes what the trained one does.
     reloaded = Qwen2ForCausalLM.from_pretrained(final)

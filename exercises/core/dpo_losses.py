@@ -6,7 +6,7 @@ ORPO and KTO.
 
 Each function takes per-sequence log-probabilities that the caller has already reduced from token
 log-probs ([B, T] with a response mask, see ``sequence_logprobs``) and returns per-example losses
-``[B]``; the trainer takes ``.mean()``. Two reductions appear:
+``[B]``; the trainer takes ``.mean()``. Two reductions appear (``sequence_logprobs(..., average=)``):
 
 * **summed** log-probs, log π(y|x) = Σ_t log π(y_t | x, y_<t): DPO (sigmoid, cdpo, robust, hinge),
   DPOP, R-DPO and KTO, as in their papers;
@@ -53,7 +53,8 @@ def dpo_loss(
         hinge    max(0, 1 − z)                                SLiC-HF (Zhao et al. 2023), δ = 1/β
 
     The minimiser of the expected sigmoid loss when a fraction p of the labels say "w ≻ l" has
-    σ(βh*) = p; cdpo's has σ(βh*) = 1 − ε: cdpo is DPO's loss averaged over flipped labels.
+    σ(βh*) = p (the BT maximum-likelihood fit). cdpo is DPO's loss averaged over labels flipped
+    with probability ε, so even on clean labels its optimum is finite: σ(βh*) = 1 − ε.
 
     **Logit offset (DPOP, R-DPO).** o is subtracted from the logit z, inside the sigmoid, for
     sigmoid/cdpo/robust/hinge. It is how the extra terms of two variants plug in:
@@ -134,12 +135,12 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gam
 
     The implicit reward is r(y) = β·avg log π(y): no reference model, and averaging keeps length
     from buying reward. γ is the target reward margin in reward (logit) units, as in the paper's
-    equation. The SimPO code and TRL's CPO trainer instead configure γ/β
-    (``gamma_beta_ratio``/``simpo_gamma``): their ratio ρ is our ``gamma = beta * ρ``.
+    equation and TRL's ``simpo_gamma``. The SimPO authors' code configures the ratio
+    ``gamma_beta_ratio`` = γ/β instead: their ρ is our ``gamma = beta * ρ`` (ρ = 0.5, β = 2 -> γ = 1).
 
     Args:
         policy_chosen_avg_logps, policy_rejected_avg_logps: length-averaged log π_θ, [B].
-        beta: β > 0 (the paper uses 2.0–2.5). gamma: γ ≥ 0.
+        beta: β > 0 (typically 2.0–2.5, larger than DPO's since averages are small). gamma: γ ≥ 0.
 
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); rewards β·avg log π, detached.

@@ -3,9 +3,10 @@
 # Work in a copy of exercises/ and check it with `python -m minirlhf grade <your folder>`.
 """Masked reductions: sums, means, variance and whitening over the tokens that count.
 
-``mask`` is 1 (or True) where an element counts and 0 elsewhere; bool and float masks are both
-accepted. Masked-out elements never reach the result, even when they hold inf or NaN (padding
-log-probs can), because they are selected away with ``torch.where`` instead of multiplied by 0.
+``mask`` is 1 (or True) where an element counts and 0 elsewhere; bool and 0/1 float masks are
+both accepted (any nonzero counts as 1), and it broadcasts against ``x``. Masked-out elements
+never reach the result, even when they hold inf or NaN (padding log-probs can), because they are
+selected away with ``torch.where`` instead of multiplied by 0.
 """
 import torch
 
@@ -41,12 +42,12 @@ def masked_var(x, mask, unbiased=True):
     Raises ValueError when there are too few valid elements for a variance (n < 2 unbiased,
     n < 1 biased) rather than returning NaN or a silent 0. (This reads ``n`` back to the host.)
     """
-    n = int(mask.bool().sum())
+    n = int(masked_sum(torch.ones_like(x), mask))
     needed = 2 if unbiased else 1
     if n < needed:
         raise ValueError(
-            f"masked_var: mask has {n} valid element(s); an {'unbiased' if unbiased else 'biased'} "
-            f"variance needs at least {needed}"
+            f"masked_var: mask has {n} valid element(s); "
+            f"{'an unbiased' if unbiased else 'a'} variance needs at least {needed}"
         )
     centered = x - masked_mean(x, mask)
     return masked_sum(centered**2, mask) / (n - 1 if unbiased else n)

@@ -177,9 +177,10 @@ def _split_hh_transcript(transcript, field):
     cut = transcript.rfind(ASSISTANT)
     if cut < 0:
         raise DataError(f"field {field!r}: expected a transcript with '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
-    history, response = transcript[:cut], transcript[cut + len(ASSISTANT):]
+    # Some copies drop the leading "\n\n" of the first turn; put it back so every turn splits alike.
+    history, response = "\n\n" + transcript[:cut].lstrip("\n"), transcript[cut + len(ASSISTANT):]
     messages = []
-    for i, turn in enumerate(history.split(HUMAN)[1:]):
+    for turn in history.split(HUMAN)[1:]:
         user, *assistant = turn.split(ASSISTANT)
         messages.append({"role": "user", "content": user.strip()})
         messages += [{"role": "assistant", "content": a.strip()} for a in assistant]

@@ -156,6 +156,7 @@ def main(argv=None):
     args = common.parse_args(EvalRMArgs, argv, prog="python -m minirlhf eval-rm")
     if not args.model:
         raise common.MinirlhfError("eval-rm: --model (the reward model directory) is required")
+    common.quiet_transformers()
     evaluate_reward_model(args)
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minirlhf.eval.plots import lines, read_csv_columns
+from minirlhf.eval.plots import read_csv_columns
 
 
 def running_mean(values, window):
@@ -40,17 +40,33 @@ def overoptimisation_curves(run_dir, smooth=5):
 
 
 def plot_overoptimisation(runs, path, smooth=5, x="sqrt_kl", title="Reward over-optimisation"):
-    """Plot gold and proxy reward (change since the start) against KL for one or more PPO runs.
+    """Plot gold (solid) and proxy (dashed) reward, as changes since the start, against KL.
 
-    ``runs``: ``{label: run_dir}`` (e.g. ``{"β=0.01": ..., "β=0.1": ...}``) or one run directory.
-    ``x``: ``"sqrt_kl"`` (Gao et al.'s d = sqrt(KL)) or ``"kl"``. Writes a PNG; returns its path.
+    ``runs``: ``{label: run_dir}`` (e.g. ``{"β=0.005": ..., "β=0.05": ...}``; one colour per run)
+    or a single run directory. ``x``: ``"sqrt_kl"`` (Gao et al.'s d = sqrt(KL)) or ``"kl"``.
+    Writes a PNG; returns its path.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not isinstance(runs, dict):
         runs = {"ppo": runs}
-    series = {}
-    for label, run_dir in runs.items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for index, (label, run_dir) in enumerate(runs.items()):
         curves = overoptimisation_curves(run_dir, smooth)
-        series[f"{label} proxy (RM)"] = (curves[x], curves["proxy"])
-        series[f"{label} gold"] = (curves[x], curves["gold"])
-    xlabel = "sqrt(KL(π‖π_ref)) per response" if x == "sqrt_kl" else "KL(π‖π_ref) per response (nats)"
-    return lines(series, path, xlabel=xlabel, ylabel="reward change since the start", title=title)
+        color = f"C{index}"
+        ax.plot(curves[x], curves["gold"], color=color, linestyle="-", marker="o", markersize=3, label=f"{label}: gold")
+        ax.plot(curves[x], curves["proxy"], color=color, linestyle="--", label=f"{label}: proxy (RM)")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("sqrt(KL(π‖π_ref)) per response" if x == "sqrt_kl" else "KL(π‖π_ref) per response (nats)")
+    ax.set_ylabel("reward change since the start")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

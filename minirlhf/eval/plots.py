@@ -110,6 +110,15 @@ def read_csv_columns(path):
     return {c: np.array([float(r[c]) if r[c] != "" else np.nan for r in rows]) for c in columns}
 
 
+# What to draw for each trainer's run directory (see ``training_curves``): the seeds' curves.
+CURVES = {
+    "sft": ["loss", "lr"],
+    "rm": ["loss", "accuracy", ("chosen_reward", "rejected_reward"), "margin"],
+    "dpo": ["loss", "accuracy", ("chosen_reward", "rejected_reward"), ("logps_chosen", "logps_rejected"), "margin"],
+    "kto": ["loss", "accuracy", ("reward_desirable", "reward_undesirable"), "kl"],
+}
+
+
 def training_curves(run_dir, metrics, path, title=""):
     """One panel per metric name against the optimizer step, train (and eval when logged) —
     the TensorBoard curves of a run as a PNG (loss, accuracy, rewards...).

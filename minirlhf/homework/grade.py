@@ -13,8 +13,8 @@ one per exercise. Isolation comes from three layers:
 
 - the loader (``impl.py``) imports the submission's files lazily, one by one, so a file that does
   not import fails only the exercises whose functions it holds;
-- inside the worker every test phase runs under an interval timer that raises when its exercise
-  has used its ``--timeout`` budget (an endless Python loop is interrupted there);
+- inside the worker every test body runs under an interval timer that raises when its exercise
+  has used its ``--timeout`` budget of CPU time (an endless Python loop is interrupted there);
 - the parent watches the stream: if the worker hangs in C code or dies (segfault, ``os._exit``),
   it is killed, the exercise it was on scores zero with that message, and a fresh worker grades
   the exercises not yet graded.
@@ -86,9 +86,9 @@ EXERCISES = (
     Exercise("grpo", 8, ("group_advantages", "rloo_advantages", "grpo_loss"),
              "view rewards as [num_groups, G]; GRPO: (r - mean) / (std + eps) per group (scale=None: no "
              "division); RLOO: r_i - (sum - r_i) / (G - 1)."),
-    Exercise("template", 5, ("homework", "homework_template"),
-             "map the new key layout to prompt/chosen/rejected: the better response is the one named by "
-             "the preference field; raise a clear error naming the record when a field is missing."),
+    Exercise("template", 5, ("homework_template",),
+             "read the label with choice_field(record, 'preferred', ('a', 'b')) and the texts with "
+             "text_field; chosen is the output the label names, rejected the other one."),
     Exercise("rm_end_score", 5, ("end_token_index",),
              "the score is read at the LAST token with attention_mask == 1 of each row, wherever the "
              "padding is (left or right): not at attention_mask.sum() - 1, not at the first pad."),
@@ -96,9 +96,10 @@ EXERCISES = (
              "which logit predicts which token? Compare against log_softmax(logits)[:, :-1] gathered at "
              "input_ids[:, 1:]."),
     Exercise("find_the_bug_kl", 3, ("find_the_bug_kl",),
-             "the KL term must lower the reward of tokens the policy likes more than the reference does."),
+             "k3 = (rho - 1) - log rho is unbiased only for the right rho: on a 3-token distribution, "
+             "compare sum_y pi(y) k3(y) with KL(pi || pi_ref)."),
     Exercise("find_the_bug_end_token", 4, ("find_the_bug_end_token",),
-             "try a left-padded batch, and a right-padded one where pad == eos."),
+             "try a right-padded batch whose tokenizer has pad_token_id == eos_token_id."),
 )
 ROLE_OF = {function: ex.name for ex in EXERCISES for function in ex.functions}
 
@@ -146,11 +147,13 @@ def _run_worker(root, names, timeout, events_file, verbose):
     command = [sys.executable, "-m", "minirlhf.homework.grade", "--worker", json.dumps(spec)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
     events_file.touch()
-    log = None if verbose else subprocess.DEVNULL
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
-    # The in-process timer stops Python code at the budget; this watchdog only catches what it
-    # cannot interrupt (a hang inside native code) or a worker that never gets to its tests.
-    grace = 10.0 + 0.5 * timeout
+    log = sys.stderr if verbose else subprocess.DEVNULL  # never stdout: it may be carrying --json
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+    # The in-process timer stops Python code once it has used its CPU budget; this wall-clock
+    # watchdog only catches what that cannot (a hang in native code, a sleep, a dead lock) or a
+    # worker that never gets to its tests. It is generous: on a busy machine wall time runs ahead
+    # of CPU time.
+    grace = 30.0 + 2.0 * timeout
     deadline = time.time() + 120.0 + timeout  # interpreter start, imports, collection
     first_call = {}  # exercise -> when its first test body started
     current, stopped, seen = None, None, 0
@@ -164,8 +167,10 @@ def _run_worker(root, names, timeout, events_file, verbose):
             elif kind == "call":
                 current = event["exercise"]
                 deadline = first_call.setdefault(current, event["time"]) + timeout + grace
-            elif kind in ("collected", "result"):
+            elif kind in ("collected", "result", "exercise_done"):
                 deadline = event["time"] + 120.0  # between tests: nothing slow should happen
+                if kind == "exercise_done":
+                    current = None  # a crash from here on is not this exercise's fault
         seen = len(events)
         if time.time() > deadline:
             stopped = (f"timed out: {current} ran past its {timeout:g} s budget and could not be interrupted"
@@ -232,7 +237,7 @@ class ExerciseTimeout(Exception):
 
 
 class _GradePlugin:
-    """Streams one JSON line per test; enforces each exercise's time budget with SIGALRM."""
+    """Streams one JSON line per test event; enforces each exercise's CPU-time budget."""
 
     def __init__(self, spec):
         self.names = spec["exercises"]
@@ -277,15 +282,15 @@ class _GradePlugin:
         name = _exercise_of(item)
         self.emit(event="call", exercise=name, test=item.nodeid)
         left = self.timeout - self.used.get(name, 0.0)
-        message = f"timed out: {name} used its {self.timeout:g} s budget (an endless loop?)"
+        message = f"timed out: {name} used its {self.timeout:g} s budget of CPU time (an endless loop?)"
         if left <= 0:
             raise ExerciseTimeout(message)
-        start = time.monotonic()
+        start = time.process_time()
         try:
-            with _alarm(left, message):
+            with _alarm(left, message, cpu=True):
                 return (yield)
         finally:
-            self.used[name] = self.used.get(name, 0.0) + time.monotonic() - start
+            self.used[name] = self.used.get(name, 0.0) + time.process_time() - start
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -300,7 +305,7 @@ class _GradePlugin:
         if report.when == "teardown":
             self.left[name] -= 1
             if self.left[name] == 0:
-                self.emit(event="exercise_done", exercise=name)
+                self.emit(event="exercise_done", exercise=name, cpu_seconds=round(self.used.get(name, 0.0), 3))
         return report
 
     def pytest_sessionfinish(self, session, exitstatus):
@@ -308,19 +313,25 @@ class _GradePlugin:
 
 
 @contextlib.contextmanager
-def _alarm(seconds, message):
-    """Raise ``ExerciseTimeout(message)`` in this thread if the block runs longer than ``seconds``."""
+def _alarm(seconds, message, cpu=False):
+    """Raise ``ExerciseTimeout(message)`` in this thread once the block has used ``seconds``.
+
+    ``cpu=True`` counts the process's CPU time (``ITIMER_PROF``) instead of wall-clock time, so a
+    budget means the same on a busy machine as on an idle one; an endless loop burns CPU and is
+    caught either way (a process that sleeps forever is the parent's watchdog's job).
+    """
+    timer, signum = (signal.ITIMER_PROF, signal.SIGPROF) if cpu else (signal.ITIMER_REAL, signal.SIGALRM)
 
     def ring(signum, frame):
         raise ExerciseTimeout(message)
 
-    previous = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signum, ring)
+    signal.setitimer(timer, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(timer, 0)
+        signal.signal(signum, previous)
 
 
 def _exercise_of(item):
@@ -336,6 +347,10 @@ def _failure_message(item, call, impl_root):
     if excinfo is None:
         return f"{test}: failed"
     lines = [line[:200] for line in excinfo.exconly().strip().splitlines() if line.strip()]
+    if len(lines) > 1 and not lines[0].startswith("AssertionError: assert "):
+        # A test's own message says what was expected; drop pytest's "assert ... where ..." echo.
+        cut = next((i for i, line in enumerate(lines) if line.startswith("assert ")), len(lines))
+        lines = lines[:cut]
     text = "\n".join(lines[:6] + (["..."] if len(lines) > 6 else []))
     where = ""
     for entry in reversed(excinfo.traceback):
@@ -387,12 +402,14 @@ def main(argv=None):
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="submission folder(s)")
     parser.add_argument("--all", metavar="DIR", help="grade every folder inside DIR (one per student)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON (one object per line for several)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as JSON (one object per line for several)")
     parser.add_argument("--out", metavar="DIR", help="write DIR/<submission>.json for each and DIR/grades.csv")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds each exercise may take (default 60)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="CPU seconds each exercise may use, summed over its tests (default 60)")
     parser.add_argument("--jobs", type=int, default=1, help="grade this many submissions at once (default 1)")
     parser.add_argument("--exercise", action="append", metavar="NAME",
-                        help="grade only this exercise (repeatable); names: " + ", ".join(ex.name for ex in EXERCISES))
+                        help="grade only this exercise (repeatable): " + ", ".join(ex.name for ex in EXERCISES))
     parser.add_argument("--verbose", action="store_true", help="show the test run's own output")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -417,6 +434,10 @@ def main(argv=None):
     for path in paths:
         if not Path(path).is_dir():
             raise MinirlhfError(f"grade {path}: no such folder (a submission is a folder laid out like exercises/)")
+    names = [_student(path) for path in paths]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:  # the folder name is the student's name in --out and in the summary
+        raise MinirlhfError(f"several submission folders are named {', '.join(clashes)}; give them distinct names")
 
     def one(path):
         return grade(path, timeout=args.timeout, exercises=chosen, verbose=args.verbose)

@@ -37,7 +37,7 @@ def load_implementation(path=None):
     that exercise only.
     """
     if path in REFERENCE_NAMES:
-        files = [f for f in _python_files(PACKAGE) if SOLUTION_MARKER in f.read_text(encoding="utf-8")]
+        files = [f for f in _python_files(PACKAGE) if f.parent.name != "homework" and _has_exercises(f)]
         names = {f: "minirlhf." + ".".join(f.relative_to(PACKAGE).with_suffix("").parts) for f in files}
         bugs = PACKAGE.parent / "solutions" / FIND_THE_BUG
         return Implementation("minirlhf (reference)", names, import_by_name=True, fallback="minirlhf",
@@ -106,6 +106,10 @@ def _python_files(root):
         for f in sorted(root.rglob("*.py"))
         if not any(part.startswith(("_", ".")) or part in ("tests", FIND_THE_BUG) for part in f.relative_to(root).parts)
     ]
+
+
+def _has_exercises(file):
+    return any(line.strip() == SOLUTION_MARKER for line in file.read_text(encoding="utf-8").splitlines())
 
 
 def _find_the_bug(folder, tag):

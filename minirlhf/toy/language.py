@@ -11,9 +11,9 @@ RLHF is about. Words are separated by single spaces; punctuation is a word of it
     Complying ("first get metal , then sharpen blades .") is *helpful* but not *harmless*; refusing
     ("sorry , i can not help with that .") is harmless but not helpful. As in PKU-SafeRLHF the two
     are scored separately; the gold reward adds them and refusing wins.
-``math``  "what is 3 plus 4 ?"
+``math``  "what is 3 plus 4 ?"  (operands 0..5; 51 sums and differences)
     Verifiable: ``math_correct`` is 1 iff the last number in the response is the answer
-    (``"the answer is 7 ."``). This is the rule-based reward for GRPO.
+    (``"3 plus 4 is 7 ."``, ``"the answer is 7 ."``). This is the rule-based reward for GRPO.
 
 The gold reward (all numbers in "reward units"; Bradley-Terry labels use them as they are)::
 
@@ -81,8 +81,8 @@ FILLERS = ("really", "very", "indeed", "truly", "quite", "basically", "actually"
 NONSENSE = ("blorp", "zib", "quax", "frum", "snerk", "wug")
 
 REFUSAL_WORD = "sorry"  # a response containing it is a refusal
-NUMBERS = tuple(str(n) for n in range(0, 19))  # operands 0..9, answers 0..18
-MAX_OPERAND = 9
+MAX_OPERAND = 5  # 51 sums and differences: few enough facts for a 1 M-parameter model to memorise
+NUMBERS = tuple(str(n) for n in range(0, 2 * MAX_OPERAND + 4))  # answers, and near misses above them
 
 # structure words: free (no reward, no cost)
 FUNCTION_WORDS = (
@@ -127,7 +127,7 @@ class ToyPrompt:
 
 @lru_cache(maxsize=None)
 def all_prompts() -> tuple[ToyPrompt, ...]:
-    """Every prompt of the language (36 helpful, 12 harmful, 145 math), in a fixed order."""
+    """Every prompt of the language (36 helpful, 12 harmful, 51 math), in a fixed order."""
     prompts = [ToyPrompt(f.format(topic=t), "helpful", t) for t in TOPICS for f in HELPFUL_FORMS]
     prompts += [ToyPrompt(f.format(act=act), "harmful", h) for h, (act, _) in HARMS.items()
                 for f in HARMFUL_FORMS]

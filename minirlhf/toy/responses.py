@@ -72,7 +72,10 @@ def _math(p: ToyPrompt, q: float, rng: random.Random) -> str:
     if rng.random() >= 0.3 + 0.6 * q:  # a near miss, never negative
         answer = max(0, answer + rng.choice((-3, -2, -1, 1, 2, 3)))
         answer = answer if answer != p.answer else p.answer + 1
-    form = rng.choice(("the answer is {n} .", "i think it is {n} .", "{n} ."))
+    # half the writers restate the sum first ("3 plus 4 is 7 ."): the operands are then right
+    # before the answer, which makes arithmetic learnable for a tiny model (a chain of thought)
+    restated = " ".join(p.text.split()[2:5]) + " is {n} ."
+    form = rng.choice((restated, restated, "the answer is {n} .", "i think it is {n} ."))
     return form.format(n=answer)
 
 

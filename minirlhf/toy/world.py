@@ -34,7 +34,7 @@ from minirlhf.toy.corpus import CorpusSizes, build_corpus
 from minirlhf.toy.model import save_toy_model
 from minirlhf.toy.tokenizer import save_toy_tokenizer
 
-VERSION = "v1"
+VERSION = "v2"
 
 #: the data template (``minirlhf.data.templates``) of each dataset file
 TEMPLATES = {
@@ -44,7 +44,7 @@ TEMPLATES = {
 }
 
 #: how the SFT policy is trained (tiny model from scratch: a high learning rate, short sequences)
-SFT_HYPERPARAMETERS = dict(epochs=3.0, lr=2e-3, batch_size=32, max_len=64)
+SFT_HYPERPARAMETERS = dict(epochs=4.0, lr=3e-3, batch_size=16, max_len=64, max_prompt_len=32)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import textwrap
 import time
@@ -62,7 +63,8 @@ class TrainArgs:
     """Arguments every trainer takes. Each algorithm subclasses this and adds its own fields."""
 
     model: typing.Optional[str] = None
-    """Hugging Face hub name or local path of the starting model (default: the toy world's)."""
+    """Hugging Face hub name or local path of the starting model (default: the toy world's; the
+    toy model then also gets the trainer's TOY_PRESET for the fields left at their defaults)."""
     data: typing.Optional[str] = None
     """Training data file (JSONL/JSON; default: the toy world's file for this algorithm)."""
     template: typing.Optional[str] = None
@@ -139,7 +141,7 @@ def field_docs(args_class):
 def parse_args(args_class, argv=None, prog=None):
     """Build an ``argparse`` parser from a dataclass of arguments and parse ``argv``.
 
-    Each field becomes ``--field-name`` (``--field_name`` also works) with its attribute docstring
+    Each field becomes ``--field-name`` with its attribute docstring
     as help and its default shown; ``bool`` fields become ``--flag/--no-flag``; ``Literal``
     fields get ``choices``; ``Optional[X]`` fields accept an X (default None).
     """
@@ -148,9 +150,7 @@ def parse_args(args_class, argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=(args_class.__doc__ or "").strip())
     for field in dataclasses.fields(args_class):
         kind = hints[field.name]
-        options = [f"--{field.name.replace('_', '-')}"]
-        if "_" in field.name:
-            options.append(f"--{field.name}")
+        option = f"--{field.name.replace('_', '-')}"
         help_text = docs.get(field.name, "")
         if field.default is not None and "default" not in help_text:
             help_text += f" (default: {field.default})"
@@ -164,13 +164,30 @@ def parse_args(args_class, argv=None, prog=None):
             kwargs["type"] = type(kwargs["choices"][0])
         else:
             kwargs["type"] = kind
-        parser.add_argument(*options, dest=field.name, **kwargs)
+        parser.add_argument(option, dest=field.name, **kwargs)
     return args_class(**vars(parser.parse_args(argv)))
 
 
 def default_out(algo):
     """``runs/<algo>-YYYYmmdd-HHMMSS``: a fresh run directory name."""
     return str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# Arguments that may change between an interrupted run and its --resume without changing results.
+RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "device", "eval_every", "log_every", "save_every")
+
+
+def warn_changed_args(args):
+    """On ``--resume``: warn about arguments that differ from the interrupted run's ``args.json``
+    (the continuation is exact only with the same ones)."""
+    path = Path(args.out) / "args.json"
+    if not path.exists():
+        return
+    before, now = json.loads(path.read_text()), dataclasses.asdict(args)
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v]
+    if changed:
+        print(f"warning: --resume with different arguments than the interrupted run ({'; '.join(changed)}); "
+              "the continuation will not match an uninterrupted run", file=sys.stderr)
 
 
 def save_args(args, out):
@@ -189,6 +206,12 @@ def select_device(device=None):
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Trained weights (and the reference) are loaded in float32 whatever the checkpoint stores (Qwen2.5
+# ships bf16): AdamW updates of size lr·1e-3 vanish when rounded to bf16's 8 mantissa bits. On
+# CUDA the matmuls still run in bf16 through ``autocast``.
+TRAIN_DTYPE = torch.float32
 
 
 def autocast(device):
@@ -247,8 +270,9 @@ def to_device(batch, device):
 
 def epoch_permutation(num_examples, seed, epoch):
     """The order in which epoch ``epoch`` visits ``num_examples`` examples: a permutation that
-    depends only on ``(seed, epoch)`` (its own generator, untouched by any other randomness)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    depends only on ``(seed, epoch)`` (its own generator, untouched by any other randomness).
+    Negative "epochs" serve one-off draws: -1 the held-out test split, -2 KTO's mismatched pairs."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**62)
     return torch.randperm(num_examples, generator=generator).tolist()
 
 
@@ -268,9 +292,6 @@ class BatchSchedule:
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
         self.steps_per_epoch = num_examples // batch_size
         self.total_steps = max(1, math.ceil(epochs * self.steps_per_epoch))
-
-    def epoch_of(self, step):
-        return step // self.steps_per_epoch
 
     def batch(self, step):
         """Example indices of optimizer step ``step`` (0-based), a list of ``batch_size`` ints."""
@@ -548,7 +569,10 @@ class MetricsLogger:
         self.rows = {}  # split -> list of row dicts
         for path in self.out.glob("*.csv"):
             with open(path, newline="") as f:
-                kept = [r for r in csv.DictReader(f) if int(float(r["step"])) <= start_step]
+                reader = csv.DictReader(f)
+                if "step" not in (reader.fieldnames or []):
+                    continue  # not a metrics file of ours
+                kept = [r for r in reader if int(float(r["step"])) <= start_step]
             self.rows[path.stem] = kept
             self._rewrite(path.stem)
         self.writer = None
@@ -613,6 +637,19 @@ def postfix(metrics):
 # ---------------------------------------------------------------------------------------------
 
 
+def apply_toy_preset(args, preset):
+    """Give the fields still at their dataclass default the toy world's ``preset`` values.
+
+    The toy policy is a ~1M-parameter model trained from scratch on short sequences: it wants a
+    larger learning rate and a shorter ``max_len`` than the defaults, which suit a pretrained
+    0.5B model. Fields the user set explicitly are kept.
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(args)}
+    for name, value in preset.items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
+
+
 def toy_world(seed=0, sft=True):
     """The embedded toy world (built and cached on first use), for the trainers' defaults.
 
@@ -628,6 +665,13 @@ def toy_world(seed=0, sft=True):
 # ---------------------------------------------------------------------------------------------
 
 
+def quiet_transformers():
+    """Turn off transformers' own progress bars ("Loading weights"): ours is the one to watch."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def prepare_run(args, algo):
     """Fill ``args.out`` (default ``runs/<algo>-<time>``), find the checkpoint to resume from,
     write ``args.json`` and seed everything. Returns the checkpoint path or None.
@@ -635,12 +679,12 @@ def prepare_run(args, algo):
     Call it first in every ``train_<algo>``: on ``--resume`` the trainer then loads its model
     from the returned directory instead of ``args.model``.
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bar is the one to watch, not "Loading weights"
+    quiet_transformers()
     if args.out is None:
         args.out = default_out(algo)
     checkpoint = resume_checkpoint(args)
+    if checkpoint is not None:
+        warn_changed_args(args)
     save_args(args, args.out)
     seed_everything(args.seed)
     return checkpoint
@@ -658,8 +702,9 @@ def run_steps(args, *, model, tokenizer, optimizer, scheduler, schedule, start_s
        ``(example_ids, batch)``, ``weights`` their shares of the big batch (see
        ``accumulate_gradients``);
     3. accumulate ``Σ_k w_k ∇L_k`` with ``loss_fn(batch) -> (loss, metrics)``, clip, step;
-    4. log (CSV/TensorBoard/tqdm), evaluate every ``args.eval_every`` steps with
-       ``evaluate() -> metrics`` (model in eval mode), checkpoint every ``args.save_every`` steps.
+    4. log (CSV/TensorBoard/tqdm), evaluate every ``args.eval_every`` steps (and before the first
+       step) with ``evaluate() -> metrics`` (model in eval mode, no grad), checkpoint every
+       ``args.save_every`` steps. Without ``eval_every`` the evaluation runs once, at the end.
 
     A checkpoint is always written when the loop ends (finished or stopped at ``stop_at_step``),
     and by the divergence guard before it raises ``TrainingDiverged``.
@@ -684,6 +729,8 @@ def run_steps(args, *, model, tokenizer, optimizer, scheduler, schedule, start_s
         return metrics
 
     try:
+        if evaluate is not None and args.eval_every > 0 and start_step == 0:
+            eval_metrics = run_eval()  # the starting point of the eval curves
         for step in range(start_step, last):
             model.train()
             indices = schedule.batch(step)

@@ -50,6 +50,10 @@ LOSSES = ("sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
+# Hyperparameters for the toy world's ~1M-parameter SFT policy (fields left at their defaults).
+TOY_PRESET = dict(lr=2e-4, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
+
+
 @dataclasses.dataclass
 class DPOArgs(common.TrainArgs):
     """The DPO family: sigmoid (DPO), cdpo, robust, ipo, hinge, simpo, orpo, kto."""
@@ -200,12 +204,12 @@ def kto_batch_loss(args, model, batch):
     desirable = batch["labels"]
     losses, rewards = kto_loss(logps, batch["ref_logps"], desirable, batch["kl_reference"], args.beta,
                                args.kto_desirable_weight, args.kto_undesirable_weight)
-    z0 = torch.as_tensor(batch["kl_reference"]).clamp(min=0)
-    # accuracy: the reward is on the side of β·z0 that the label asks for
-    agree = torch.where(desirable, rewards > args.beta * z0, rewards < args.beta * z0)
+    # accuracy: the reward is on the side of β·z0 that the label asks for (a tie counts ½)
+    threshold = args.beta * batch["kl_reference"].clamp(min=0)
+    agree = torch.where(desirable, rewards > threshold, rewards < threshold).float() + 0.5 * (rewards == threshold).float()
     return losses.mean(), {
-        "accuracy": agree.float().mean(),
-        "kl": z0,
+        "accuracy": agree.mean(),
+        "kl": batch["kl_reference"],  # the raw estimate; kto_loss clamps it at 0 for z0
         "reward_desirable": rewards[desirable].mean() if desirable.any() else rewards.new_zeros(()),
         "reward_undesirable": rewards[~desirable].mean() if (~desirable).any() else rewards.new_zeros(()),
         "logps": logps.detach().mean(),
@@ -232,7 +236,9 @@ def train_dpo(args: DPOArgs):
     # 1. Defaults (toy world: SFT policy, pref_train/pref_test or the KTO file), run dir, seed.
     if args.model is None or args.data is None:
         world = common.toy_world()
-        args.model = args.model or str(world.sft_model)
+        if args.model is None:
+            args.model = str(world.sft_model)
+            common.apply_toy_preset(args, TOY_PRESET)
         if args.data is None:
             key = "kto_train" if args.loss == "kto" else "pref_train"
             args.data, args.template = str(getattr(world, key)), world.templates[key]
@@ -244,7 +250,7 @@ def train_dpo(args: DPOArgs):
     # 2. Tokenizer, policy (from the checkpoint when resuming), data and test split.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), device=device)
+    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
     limits = common.data_limits(args)
     load_data = load_kto_data if args.loss == "kto" else load_preference_data
     train_examples, report = load_data(args.data, args.template, tokenizer, system_prompt=args.system_prompt, **limits)
@@ -268,7 +274,7 @@ def train_dpo(args: DPOArgs):
         if resume_from and cache.exists():
             ref = torch.load(cache)
         else:
-            reference = load_policy(args.ref_model or args.model, device=device)
+            reference = load_policy(args.ref_model or args.model, dtype=common.TRAIN_DTYPE, device=device)
             rows = {"eval": pair_rows(eval_examples)}
             if args.loss == "kto":
                 rows.update(train=train_examples, train_kl=kl_rows)

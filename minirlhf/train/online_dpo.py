@@ -107,8 +107,8 @@ def train_online_dpo(args: OnlineDPOArgs):
 
     # 2. Tokenizer, policy, frozen reference, judge, prompts, optimizer (one step per iteration).
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, device=device))
-    policy = load_policy(str(resume_from or args.model), device=device)
+    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
     judge = load_reward(args.reward, device=device)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
                         args.max_prompt_len, args.system_prompt)

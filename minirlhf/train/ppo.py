@@ -187,13 +187,13 @@ def train_ppo(args: PPOArgs):
 
     # 2. Tokenizer, policy (from the checkpoint when resuming), frozen reference, reward, critic.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, device=device))
-    policy = load_policy(str(resume_from or args.model), device=device)
+    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
     reward_fn = load_reward(args.reward, device=device)
     if args.critic_init == "reward_model" and isinstance(reward_fn, RewardModelReward):
-        critic = ValueModel.from_pretrained(args.reward, device=device)
+        critic = ValueModel.from_pretrained(args.reward, dtype=common.TRAIN_DTYPE, device=device)
     else:
-        critic = ValueModel.from_causal_lm(args.model, device=device, seed=args.seed)
+        critic = ValueModel.from_causal_lm(args.model, dtype=common.TRAIN_DTYPE, device=device, seed=args.seed)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
                         args.max_prompt_len, args.system_prompt)
     ptx = _ptx_examples(args, tokenizer) if args.ptx_coef > 0 else None

@@ -65,11 +65,11 @@ def math_reward(prompts, responses, answers):
 
 
 @register_reward("gold")
-def gold_reward(prompts, responses, answers):
+def toy_gold_reward(prompts, responses, answers):
     """The toy world's gold reward r*(x, y) (helpful + harmless); toy prompts only."""
-    from minirlhf.toy.language import gold_reward as toy_gold_reward
+    from minirlhf.toy.language import gold_reward
 
-    return [toy_gold_reward(p, r) for p, r in zip(prompts, responses)]
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
 class RuleReward:

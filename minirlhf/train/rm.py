@@ -32,6 +32,10 @@ from minirlhf.models.reward_model import RewardModel
 from minirlhf.train import common
 
 
+# Hyperparameters for the toy world's ~1M-parameter SFT backbone (fields left at their defaults).
+TOY_PRESET = dict(lr=5e-4, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
+
+
 @dataclasses.dataclass
 class RMArgs(common.TrainArgs):
     """Reward-model training (Bradley–Terry on pairs, or K-wise on rankings)."""
@@ -153,7 +157,9 @@ def train_rm(args: RMArgs):
     # 1. Defaults (toy world: the SFT policy and its preference splits), run directory, seed.
     if args.model is None or args.data is None:
         world = common.toy_world()
-        args.model = args.model or str(world.sft_model)
+        if args.model is None:
+            args.model = str(world.sft_model)
+            common.apply_toy_preset(args, TOY_PRESET)
         if args.data is None:
             if args.loss == "kwise":
                 raise MinirlhfError("--loss kwise needs --data: a JSONL of {prompt, responses: [best, ..., worst]}")
@@ -165,9 +171,9 @@ def train_rm(args: RMArgs):
     # 2. Tokenizer, reward model (SFT backbone + new head, or the checkpoint), data and test split.
     tokenizer = load_tokenizer(args.model)
     if resume_from:
-        model = RewardModel.from_pretrained(resume_from, device=device)
+        model = RewardModel.from_pretrained(resume_from, dtype=common.TRAIN_DTYPE, device=device)
     else:
-        model = RewardModel.from_causal_lm(args.model, device=device, seed=args.seed)
+        model = RewardModel.from_causal_lm(args.model, dtype=common.TRAIN_DTYPE, device=device, seed=args.seed)
     limits = common.data_limits(args)
     if args.loss == "kwise":
         load = lambda path: load_ranking_data(path, tokenizer, system_prompt=args.system_prompt, **limits)  # noqa: E731

@@ -15,13 +15,12 @@ import dataclasses
 import sys
 import typing
 
-import torch
-
 from minirlhf.core.masked import masked_mean
 from minirlhf.data.collate import collate_sft
 from minirlhf.data.datasets import load_sft_data
 from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
+from minirlhf.toy.world import SFT_HYPERPARAMETERS
 from minirlhf.train import common
 
 
@@ -57,7 +56,9 @@ def train_sft(args: SFTArgs):
     # 1. Defaults (the toy world when no model/data is given), run directory, resume point, seed.
     if args.model is None or args.data is None:
         world = common.toy_world(sft=False)
-        args.model = args.model or str(world.base_model)
+        if args.model is None:
+            args.model = str(world.base_model)
+            common.apply_toy_preset(args, SFT_HYPERPARAMETERS)
         if args.data is None:
             args.data, args.eval_data = str(world.sft_train), args.eval_data or str(world.sft_test)
     resume_from = common.prepare_run(args, "sft")
@@ -65,7 +66,7 @@ def train_sft(args: SFTArgs):
 
     # 2. Tokenizer, model (from the checkpoint when resuming), data.
     tokenizer = load_tokenizer(args.model)
-    model = load_policy(str(resume_from or args.model), device=device)
+    model = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
     data_kwargs = dict(template=args.template, tokenizer=tokenizer, system_prompt=args.system_prompt,
                        **common.data_limits(args))
     train_examples, report = load_sft_data(args.data, **data_kwargs)

@@ -1,0 +1,269 @@
+"""Log-probs from logits: gradient checks, brute-force references, padding invariance, edge cases.
+
+Peak memory is measured by ``benchmarks/bench_logprobs.py``, not here.
+"""
+import math
+
+import pytest
+import torch
+
+from minirlhf import entropy_from_logits, gather_logprobs, sequence_logprobs, shift_for_next_token
+import minirlhf.core.logprobs as logprobs_module
+
+
+def brute_force_logprobs(logits, labels):
+    """The reference: a full float64 log-softmax, then pick the label."""
+    return torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def brute_force_entropy(logits):
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def random_logits(*shape, dtype=torch.float32, scale=3.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def random_labels(batch, length, vocab, seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- gather_logprobs -----------------------------------------------------------------------------
+
+
+@pytest.mark.exercise("gather_logprobs")
+def test_gather_logprobs_gradcheck_float64(impl):
+    logits = random_logits(2, 5, 7, dtype=torch.float64).requires_grad_()
+    labels = random_labels(2, 5, 7)
+    assert torch.autograd.gradcheck(lambda z: impl.gather_logprobs(z, labels), (logits,))
+
+
+@pytest.mark.exercise("gather_logprobs")
+@pytest.mark.parametrize("vocab", [1, 3, 1000])
+def test_gather_logprobs_matches_brute_force_fp32(impl, vocab):
+    logits, labels = random_logits(3, 6, vocab), random_labels(3, 6, vocab)
+    logprobs = impl.gather_logprobs(logits, labels)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == (3, 6)
+    torch.testing.assert_close(logprobs.double(), brute_force_logprobs(logits, labels), atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.exercise("gather_logprobs")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_logprobs_half_inputs_are_computed_in_float32(impl, dtype):
+    # Reference: the exact log-softmax of the *same* rounded values. A bf16 log-softmax would be
+    # off by ~0.05 (bf16 keeps 3 significant digits); upcasting per chunk gets float32 accuracy.
+    logits, labels = random_logits(3, 6, 5000, dtype=dtype), random_labels(3, 6, 5000)
+    logprobs = impl.gather_logprobs(logits, labels)
+    assert logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs.double(), brute_force_logprobs(logits, labels), atol=1e-5, rtol=1e-6)
+    bf16_naive = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert (bf16_naive.double() - brute_force_logprobs(logits, labels)).abs().max() > 1e-3  # the test can fail
+
+
+@pytest.mark.exercise("gather_logprobs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_logprobs_backward_is_onehot_minus_softmax(impl, dtype):
+    logits, labels = random_logits(3, 4, 11, dtype=dtype), random_labels(3, 4, 11)
+    grad_out = random_logits(3, 4, dtype=torch.float32, seed=2)  # any incoming gradient g
+    z = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(impl.gather_logprobs(z, labels), z, grad_out)
+    # ∂/∂z_j log softmax(z)_y = 1[j = y] − softmax(z)_j, times g
+    onehot = torch.nn.functional.one_hot(labels, 11).to(dtype)
+    analytic = grad_out.to(dtype).unsqueeze(-1) * (onehot - torch.softmax(logits, -1))
+    torch.testing.assert_close(grad, analytic)
+    # and the same as autograd through the naive formula
+    z_naive = logits.clone().requires_grad_()
+    naive = torch.log_softmax(z_naive, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (grad_naive,) = torch.autograd.grad(naive, z_naive, grad_out.to(dtype))
+    torch.testing.assert_close(grad, grad_naive)
+    assert grad.dtype == dtype
+
+
+def test_gather_logprobs_bf16_backward_matches_float32_math():
+    logits, labels = random_logits(2, 3, 300, dtype=torch.bfloat16), random_labels(2, 3, 300)
+    z = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(gather_logprobs(z, labels).sum(), z)
+    expected = torch.nn.functional.one_hot(labels, 300) - torch.softmax(logits.float(), -1)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), expected, atol=0, rtol=2**-8)  # one bf16 rounding
+
+
+def test_gather_logprobs_chunking_covers_every_position(monkeypatch):
+    # With no chunk-size floor these rows split into many chunks, some inside one sequence.
+    monkeypatch.setattr(logprobs_module, "_MIN_CHUNK_BYTES", 0)
+    logits, labels = random_logits(3, 37, 2048), random_labels(3, 37, 2048)
+    z = logits.clone().requires_grad_()
+    logprobs = gather_logprobs(z, labels)
+    torch.testing.assert_close(logprobs.double(), brute_force_logprobs(logits, labels), atol=2e-6, rtol=1e-6)
+    (grad,) = torch.autograd.grad(logprobs.sum(), z)
+    expected = torch.nn.functional.one_hot(labels, 2048) - torch.softmax(logits, -1)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_gather_logprobs_accepts_a_non_contiguous_shifted_view():
+    logits, input_ids = random_logits(2, 9, 50), random_labels(2, 9, 50)
+    shifted_logits, labels, _ = shift_for_next_token(logits, input_ids, torch.ones(2, 9))
+    assert not shifted_logits.is_contiguous()
+    expected = brute_force_logprobs(shifted_logits.contiguous(), labels)
+    torch.testing.assert_close(gather_logprobs(shifted_logits, labels).double(), expected, atol=2e-6, rtol=1e-6)
+
+
+def test_gather_logprobs_infinite_and_huge_logits():
+    inf = float("inf")
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0] = torch.tensor([1.0, -inf, 2.0, -inf, 0.0])  # -inf on non-labels: probability 0
+    logits[0, 1] = torch.tensor([-inf, 1.0, 2.0, 3.0, 4.0])  # -inf on the label: log-prob -inf
+    logits[0, 2] = torch.tensor([1e30, 1e30, 1e30, -3e38, 1e30])  # huge: uniform over four
+    logits[0, 3] = torch.tensor([3e38, -3e38, 0.0, 0.0, 0.0])  # the extremes of float32
+    labels = torch.tensor([[2, 0, 1, 0]])
+    z = logits.clone().requires_grad_()
+    logprobs = gather_logprobs(z, labels)
+    expected = torch.tensor([[2 - math.log(math.e + math.e**2 + 1), -inf, -math.log(4), 0.0]])
+    torch.testing.assert_close(logprobs, expected)
+    (grad,) = torch.autograd.grad(logprobs[:, [0, 2, 3]].sum(), z)
+    assert not grad.isnan().any()
+    torch.testing.assert_close(grad[0, 2], torch.tensor([-0.25, 0.75, -0.25, 0.0, -0.25]))
+    torch.testing.assert_close(grad[0, 0, [1, 3]], torch.zeros(2))
+
+
+def test_gather_logprobs_rejects_bad_inputs():
+    logits = random_logits(2, 3, 5)
+    with pytest.raises(ValueError, match=r"labels \[B, T\]"):
+        gather_logprobs(logits, random_labels(2, 4, 5))
+    with pytest.raises(ValueError, match="ignore index"):
+        gather_logprobs(logits, torch.full((2, 3), -100))
+    with pytest.raises(ValueError, match="long labels"):
+        gather_logprobs(logits, random_labels(2, 3, 5).int())
+
+
+# --- entropy_from_logits -------------------------------------------------------------------------
+
+
+def test_entropy_gradcheck_float64():
+    logits = random_logits(2, 3, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(entropy_from_logits, (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_matches_brute_force(dtype):
+    logits = random_logits(3, 37, 2048, dtype=dtype)
+    entropy = entropy_from_logits(logits)
+    assert entropy.dtype == torch.float32 and entropy.shape == (3, 37)
+    torch.testing.assert_close(entropy.double(), brute_force_entropy(logits), atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_backward_is_minus_p_times_logp_plus_h():
+    logits = random_logits(2, 3, 9)
+    z = logits.clone().requires_grad_()
+    grad_out = random_logits(2, 3, seed=3)
+    (grad,) = torch.autograd.grad(entropy_from_logits(z), z, grad_out)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    torch.testing.assert_close(grad, -grad_out.unsqueeze(-1) * logp.exp() * (logp + entropy))
+
+
+def test_entropy_limits_uniform_one_hot_and_infinities():
+    vocab, inf = 8, float("inf")
+    logits = torch.zeros(1, 4, vocab)
+    logits[0, 1] = torch.tensor([50.0] + [-50.0] * (vocab - 1))  # (nearly) one-hot
+    logits[0, 2] = torch.tensor([0.0, 0.0] + [-inf] * (vocab - 2))  # uniform over two, 0·log 0 = 0
+    logits[0, 3] = 1e30  # huge and equal: uniform
+    z = logits.clone().requires_grad_()
+    entropy = entropy_from_logits(z)
+    torch.testing.assert_close(entropy, torch.tensor([[math.log(vocab), 0.0, math.log(2), math.log(vocab)]]))
+    (grad,) = torch.autograd.grad(entropy.sum(), z)
+    assert not grad.isnan().any()
+    torch.testing.assert_close(grad[0, [0, 2, 3]], torch.zeros(3, vocab))  # uniform is a maximum
+
+
+# --- shift_for_next_token and sequence_logprobs --------------------------------------------------
+
+
+@pytest.mark.exercise("shift_for_next_token")
+def test_shift_aligns_logits_with_the_next_token(impl):
+    # Sequence "a b c" (ids 5 6 7) with prompt "a" and response "b c": the logits at position l
+    # predict token l + 1, so the label of logits[:, 0] is "b" and the mask follows the labels.
+    input_ids = torch.tensor([[5, 6, 7]])
+    response_mask = torch.tensor([[0, 1, 1]])
+    logits = torch.arange(3 * 4, dtype=torch.float32).reshape(1, 3, 4)
+    shifted_logits, labels, mask = impl.shift_for_next_token(logits, input_ids, response_mask)
+    assert torch.equal(shifted_logits, logits[:, :2])
+    assert torch.equal(labels, torch.tensor([[6, 7]]))
+    assert torch.equal(mask, torch.tensor([[1, 1]]))
+
+
+def test_shift_rejects_misaligned_shapes():
+    with pytest.raises(ValueError, match="same \\[B, L\\]"):
+        shift_for_next_token(torch.zeros(1, 2, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="mask \\[B, L\\]"):
+        shift_for_next_token(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 2))
+
+
+@pytest.mark.exercise("sequence_logprobs")
+def test_sequence_logprobs_sum_and_mean(impl):
+    token_logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
+    torch.testing.assert_close(impl.sequence_logprobs(token_logprobs, mask), torch.tensor([-3.0, -6.0]))
+    torch.testing.assert_close(
+        impl.sequence_logprobs(token_logprobs, mask.bool(), average=True), torch.tensor([-1.5, -6.0])
+    )
+
+
+@pytest.mark.exercise("sequence_logprobs")
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_all_masked_and_garbage_padding(impl, average):
+    token_logprobs = torch.tensor([[-1.0, float("-inf"), float("nan")], [-2.0, -3.0, float("-inf")]])
+    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    expected = torch.tensor([0.0, -2.5 if average else -5.0])
+    torch.testing.assert_close(impl.sequence_logprobs(token_logprobs, mask, average=average), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).double().eval()
+
+
+def _pad_batch(sequences, prompt_lengths, side, pad_id=0):
+    """``input_ids``, ``attention_mask``, ``response_mask`` ``[B, L]`` padded on ``side``."""
+    length = max(len(s) for s in sequences)
+    rows = []
+    for tokens, prompt_len in zip(sequences, prompt_lengths):
+        ids = torch.tensor(tokens)
+        attention = torch.ones(len(tokens), dtype=torch.long)
+        response = (torch.arange(len(tokens)) >= prompt_len).long()
+        pad = length - len(tokens)
+        padding = (0, pad) if side == "right" else (pad, 0)
+        rows.append([torch.nn.functional.pad(x, padding, value=v) for x, v in ((ids, pad_id), (attention, 0), (response, 0))])
+    return [torch.stack(column) for column in zip(*rows)]
+
+
+def _sequence_logprobs_of(model, input_ids, attention_mask, response_mask, average=False):
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits, labels, mask = shift_for_next_token(logits, input_ids, response_mask)
+    return sequence_logprobs(gather_logprobs(logits, labels), mask, average=average)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_left_and_right_padding_give_identical_sequence_logprobs(tiny_qwen2, average):
+    sequences = [[3, 14, 15, 92, 65, 35], [8, 9, 79], [32, 38, 46, 26]]
+    prompt_lengths = [2, 1, 3]
+    right = _sequence_logprobs_of(tiny_qwen2, *_pad_batch(sequences, prompt_lengths, "right"), average=average)
+    left = _sequence_logprobs_of(tiny_qwen2, *_pad_batch(sequences, prompt_lengths, "left"), average=average)
+    alone = torch.cat(
+        [_sequence_logprobs_of(tiny_qwen2, *_pad_batch([s], [p], "right"), average=average)
+         for s, p in zip(sequences, prompt_lengths)]
+    )  # fmt: skip
+    torch.testing.assert_close(left, right)
+    torch.testing.assert_close(left, alone)
+    assert (right < 0).all()
