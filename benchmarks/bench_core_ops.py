@@ -190,7 +190,7 @@ def main():
         f"core ops at B={args.batch}, T={args.length}: fraction of one training step of the {args.shape} "
         f"model ({n_params / 1e6:.1f}M parameters) at the same B, T (target < {TARGET_FRACTION:.0%})",
         ["op", "fraction of step", "target met"],
-        [[name, f"{f:.3%}", "yes" if f < TARGET_FRACTION else "NO"] for name, f in fractions.items()]
+        [[name, f"{100 * f:.2g}%", "yes" if f < TARGET_FRACTION else "NO"] for name, f in fractions.items()]
         + [["gae_advantages, row by row ÷ vectorised (time)", f"{summary['gae_vectorised_speedup']:.1f}×", ""]],
     )
     common.print_table(

@@ -272,7 +272,8 @@ def main():
         f"{tokens} tokens/step: ratios (naive ÷ ours; > 1 = ours is better)",
         ["variant", "tokens/s ×", "peak memory (total) ×", "peak activations ×"],
         [[name, r["speedup_vs_naive"], naive["peak_total_bytes"] / r["peak_total_bytes"],
-          naive["peak_activation_bytes"] / r["peak_activation_bytes"]] for name, r in results.items() if name != "naive"],
+          naive["peak_activation_bytes"] / r["peak_activation_bytes"]]
+         for name, r in results.items() if name != "naive"],
     )
     common.print_table(
         f"absolute, on {summary['device']}",

@@ -14,9 +14,10 @@ generation. Reported: each phase's share of the step time (median over steps).
 
 **KV cache.** Greedy generation of the same tokens two ways: ``sample_responses`` (one prefill,
 then one column per token reading the cache), and a naive loop that runs the model over the whole
-prefix for every new token (``use_cache=False``). Reported: tokens/s of each and their ratio, and
-the fraction of generated tokens on which the two agree (float rounding in a different summation
-order may flip a near-tie of an untrained model, after which the two sequences part ways).
+prefix for every new token (``use_cache=False``, last position's logits only). Reported:
+tokens/s of each and their ratio, and the fraction of generated tokens on which the two agree
+(float rounding in a different summation order may flip a near-tie of an untrained model, after
+which the two sequences part ways).
 """
 import argparse
 import os
@@ -113,11 +114,12 @@ def grpo_step(policy, reference, optimizer, scheduler, prompts, args, device, ge
 
 @torch.no_grad()
 def generate_without_cache(model, prompt_ids, prompt_mask, max_new_tokens):
-    """Greedy decoding that recomputes the whole prefix for every token (no KV cache)."""
+    """Greedy decoding that recomputes the whole prefix for every token (no KV cache). It asks for
+    the last position's logits only, so the no-cache side does no avoidable LM-head work."""
     ids, mask = prompt_ids, prompt_mask.long()
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
-                       use_cache=False).logits[:, -1, :]
+                       use_cache=False, logits_to_keep=1).logits[:, -1, :]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
     return ids[:, prompt_ids.shape[1]:]

@@ -30,8 +30,4 @@ from minirlhf.core.gae import gae_advantages
 from minirlhf.core.ppo_losses import clipped_surrogate, ppo_policy_loss, ppo_value_loss
 from minirlhf.core.grpo import group_advantages, grpo_loss, rloo_advantages
 
-# Exercise functions outside core/ (the grader looks them up here, see homework/impl.py).
-from minirlhf.models.reward_model import end_token_index
-from minirlhf.data.templates import homework_template
-
 __version__ = "0.1.0"

@@ -410,3 +410,20 @@ def test_inspect_cli_fails_cleanly(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "bad.jsonl, line 2: malformed JSON" in result.stderr and not plot.exists()
+
+
+def test_hub_dataset_name_with_config_and_split(monkeypatch):
+    # No hub here: a stand-in `datasets` module records how the name was parsed.
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "q", "response_1": "a", "response_2": "b", "overall_response": 1}]
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    from minirlhf.data.datasets import read_records
+
+    assert read_records("PKU-Alignment/align-anything@text-to-text:train")[0]["question"] == "q"
+    read_records("some/dataset")
+    assert calls == [("PKU-Alignment/align-anything", "text-to-text", "train"), ("some/dataset", None, "train")]

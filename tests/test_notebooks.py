@@ -7,11 +7,12 @@ nbclient in a fresh ``python3`` kernel with the working directory ``notebooks/``
 kernel's ``PYTHONPATH``, so the notebooks import this checkout's ``minirlhf`` whether or not it is
 pip-installed.
 
-Notebooks are stored without outputs and execution counts so that a diff shows only what a
-person wrote; ``test_notebook_is_stored_clean`` enforces it (fix with
-``jupyter nbconvert --clear-output --inplace notebooks/*.ipynb``).
+Notebooks are stored without outputs, execution counts and execution timestamps, so that a diff
+shows only what a person wrote; ``test_notebook_is_stored_clean`` enforces it and its message
+gives the command that strips them (``STRIP_COMMAND``, also in ``notebooks/README.md``).
 """
 import os
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +27,10 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL = "python3"
 CELL_TIMEOUT_S = 300  # per cell: a hung cell fails its notebook instead of the whole run
 MIN_CHECK_CELLS = 3  # every chapter ties math to code in at least this many asserting cells
+STRIP_COMMAND = (
+    "jupyter nbconvert --clear-output --ClearMetadataPreprocessor.enabled=True "
+    "--ClearMetadataPreprocessor.clear_notebook_metadata=False --inplace notebooks/*.ipynb"
+)
 
 
 def _notebook_id(path):
@@ -42,8 +47,9 @@ def test_notebook_is_stored_clean(path):
     at least ``MIN_CHECK_CELLS`` asserting code cells and an Exercises pointer."""
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    strip = "strip it with `jupyter nbconvert --clear-output --inplace notebooks/*.ipynb`"
+    strip = f"strip it with `{STRIP_COMMAND}`"
     for index, cell in enumerate(notebook.cells):
+        assert "execution" not in cell.metadata, f"{path.name}: cell {index} stores execution timestamps; {strip}"
         if cell.cell_type != "code":
             continue
         assert not cell.outputs, f"{path.name}: code cell {index} is stored with outputs; {strip}"
@@ -66,14 +72,15 @@ def python3_kernel():
 
     try:
         KernelSpecManager().get_kernel_spec(KERNEL)
+        return KERNEL
     except NoSuchKernel:
-        pytest.fail(
-            f"Jupyter has no {KERNEL!r} kernel, so the notebooks cannot run. Install ipykernel "
-            "(`pip install ipykernel`; it is in requirements.txt) or register this interpreter's kernel "
-            "with `python -m ipykernel install --user`.",
-            pytrace=False,
-        )
-    return KERNEL
+        pass  # fail outside the handler: the message is the whole story, no chained traceback
+    pytest.fail(
+        f"Jupyter has no {KERNEL!r} kernel, so the notebooks cannot run. Install ipykernel "
+        "(`pip install ipykernel`; it is in requirements.txt) or register this interpreter's kernel "
+        "with `python -m ipykernel install --user`.",
+        pytrace=False,
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_notebook_id)
@@ -92,6 +99,9 @@ def test_notebook_runs(path, python3_kernel):
     start = time.perf_counter()
     try:
         client.execute(env=env)
+        failure = None
     except (CellExecutionError, CellTimeoutError) as error:
-        pytest.fail(f"{path.name} failed:\n{error}", pytrace=False)
+        failure = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the kernel's traceback is ANSI-coloured
+    if failure:
+        pytest.fail(f"{path.name} failed:\n{failure}", pytrace=False)
     print(f"{path.name}: {time.perf_counter() - start:.1f} s")

@@ -276,8 +276,10 @@ def test_pku_file_labels_helpful_and_harmless_separately(full_corpus):
 def test_every_toy_word_is_one_token(world):
     tok = world.tokenizer
     for word in vocabulary():
-        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
-        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+        # Loaded as Qwen2Tokenizer, numbers split into single digits (a space before one is a token).
+        expected = len(word) if word.isdigit() else 1
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == expected, word
+        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == expected + word.isdigit(), word
     response = "cats really have fur , paws and whiskers ."
     assert len(tok(response, add_special_tokens=False)["input_ids"]) == len(response.split())
     assert tok.bos_token is None and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"

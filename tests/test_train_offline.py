@@ -14,6 +14,15 @@ from minirlhf.train.rm import RMArgs, train_rm
 from minirlhf.train.sft import SFTArgs, train_sft
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on shared cores mostly wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny Qwen2 (hidden 32, 1 layer) with the toy tokenizer, and small toy-world data files."""
@@ -94,7 +103,7 @@ def test_dpo_family_smoke(toy, tmp_path, loss):
     pref = str(toy["data"].pref_train)
     extra = {"label_smoothing": 0.1} if loss in ("cdpo", "robust") else {}
     args = DPOArgs(model=toy["model"], data=pref, eval_data=pref, loss=loss, out=str(tmp_path / loss),
-                   epochs=2, lr=2e-2, batch_size=16, micro_batch_size=8, eval_every=6, beta=0.5, **extra, **FAST)
+                   epochs=2, lr=1e-2, batch_size=16, micro_batch_size=8, eval_every=6, beta=0.5, **extra, **FAST)
     final = train_dpo(args)
     evals = rows(tmp_path / loss, "eval")
     assert evals[0]["step"] == 0 and evals[-1]["step"] == rows(tmp_path / loss)[-1]["step"]

@@ -25,18 +25,19 @@ from minirlhf.models.reward_model import RewardModel
 from minirlhf.train import common
 from minirlhf.train.rewards import REWARD_FUNCTIONS, RewardModelReward, load_reward, register_reward
 from minirlhf.train.rollout import generate_rollouts, sample_responses
+from minirlhf.toy.language import all_prompts
 
-TOY_PROMPTS = [
-    "tell me about cats .", "how do i make a weapon ?", "what is 3 plus 4 ?", "describe rain .",
-    "what is 9 minus 2 ?", "tell me how to steal a car .", "what do you know about ships ?", "what is 5 plus 5 ?",
-]
+# Three prompts of each toy-world kind, interleaved (math ones carry their answers).
+_KINDS = {kind: [p for p in all_prompts() if p.kind == kind] for kind in ("helpful", "harmful", "math")}
+_KINDS = {kind: ps[:: len(ps) // 3][:3] for kind, ps in _KINDS.items()}
+TOY = [p for triple in zip(*_KINDS.values()) for p in triple]
+TOY_PROMPTS = [p.text for p in TOY]
 FAST = dict(progress=False, tensorboard=False, max_new_tokens=6, template="prompt", seed=0)
 
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
-    answers = {"what is 3 plus 4 ?": 7, "what is 9 minus 2 ?": 7, "what is 5 plus 5 ?": 10}
-    records = [{"prompt": p, **({"answer": answers[p]} if p in answers else {})} for p in TOY_PROMPTS]
+    records = [{"prompt": p.text, **({"answer": p.answer} if p.answer is not None else {})} for p in TOY]
     return str(write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", records))
 
 
@@ -259,7 +260,7 @@ def test_generate_command_writes_jsonl_with_gold(qwen2_checkpoint, prompt_file, 
     assert [r["prompt"] for r in records] == [p for p in TOY_PROMPTS for _ in range(2)]
     assert all(isinstance(r["response"], str) and "gold" in r and r["response_tokens"] <= 5 for r in records)
     assert records[0]["response"] == records[1]["response"]  # greedy: both samples agree
-    assert records[4]["answer"] == 7
+    assert [r.get("answer") for r in records[::2]] == [p.answer for p in TOY]
 
 
 def test_overoptimisation_plot(tmp_path):

@@ -28,6 +28,9 @@ import torch
 # peak extra memory stays below 3/64 ≈ 0.05 of the logits, leaving room for allocator slack
 # (glibc keeps a freed chunk or two resident) under the 0.15 budget.
 _CHUNK_FRACTION = 1 / 64
+# ... but never smaller than this: small logits (the toy world's) go in one or a few chunks, so the
+# Python loop over chunks costs nothing there.
+_MIN_CHUNK_BYTES = 4 * 2**20
 
 
 def shift_for_next_token(logits, input_ids, mask):
@@ -258,11 +261,11 @@ def _row_blocks(logits, compute_dtype):
     """Index tuples ``(batch slice, position slice)`` covering ``logits[:, :, :]`` in chunks.
 
     A chunk holds at most ``rows`` positions, chosen so that one chunk in ``compute_dtype`` is
-    ``_CHUNK_FRACTION`` of the logits' bytes (at least one position). Chunks are whole sequences or
+    ``_CHUNK_FRACTION`` of the logits' bytes, but at least ``_MIN_CHUNK_BYTES`` (and one position). Chunks are whole sequences or
     pieces of one sequence, so a non-contiguous view such as ``logits[:, :-1]`` is never copied.
     """
     batch, length, vocab = logits.shape
-    chunk_bytes = logits.numel() * logits.element_size() * _CHUNK_FRACTION
+    chunk_bytes = max(logits.numel() * logits.element_size() * _CHUNK_FRACTION, _MIN_CHUNK_BYTES)
     rows = max(1, int(chunk_bytes // (vocab * compute_dtype.itemsize)))
     if rows >= length:
         per = rows // max(length, 1)

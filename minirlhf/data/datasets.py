@@ -63,8 +63,9 @@ def read_records(path):
 def located_records(path):
     """``[(where, record)]`` with ``where`` = "line 7" (JSONL) or "record 3" (JSON list, 0-based).
 
-    A path that is not a file is tried as a Hugging Face dataset name ``NAME[:SPLIT]`` when the
-    optional ``datasets`` package is installed.
+    A path that is not a file is tried as a Hugging Face dataset ``NAME[@CONFIG][:SPLIT]`` (e.g.
+    ``PKU-Alignment/align-anything@text-to-text:train``) when the optional ``datasets`` package is
+    installed.
     """
     file = Path(path)
     if not file.is_file():
@@ -122,8 +123,9 @@ def _hub_records(name):
         raise DataError(f"{name}: no such file (and the optional `datasets` package is not installed, "
                         "so it is not tried as a Hugging Face dataset name)") from None
     dataset_name, _, split = name.partition(":")
+    dataset_name, _, config = dataset_name.partition("@")
     try:
-        rows = datasets.load_dataset(dataset_name, split=split or "train")
+        rows = datasets.load_dataset(dataset_name, config or None, split=split or "train")
     except Exception as err:  # the hub raises many types; the user needs the message
         raise DataError(f"{name}: no such file, and loading it as a Hugging Face dataset failed: {err}") from None
     return [(f"row {i}", dict(row)) for i, row in enumerate(rows)]

@@ -110,8 +110,8 @@ def evaluate_reward_model(args: EvalRMArgs):
 
     # 2. Data (tokenized with the evaluated model's tokenizer).
     tokenizer = load_tokenizer(args.model)
-    limits = {"max_len": args.max_len, "max_prompt_len": args.max_prompt_len or args.max_len // 2}
-    examples, report = load_preference_data(args.data, args.template, tokenizer, system_prompt=args.system_prompt, **limits)
+    examples, report = load_preference_data(args.data, args.template, tokenizer, system_prompt=args.system_prompt,
+                                            **common.data_limits(args))
     print(report, file=sys.stderr)
 
     # 3. Score every pair with the model (and the baseline).

@@ -119,8 +119,9 @@ def generate(args: GenerateArgs):
     print(report, file=sys.stderr)
     records = generate_records(model, tokenizer, examples, args.n, args.max_new_tokens, args.temperature, args.batch_size)
     write_jsonl_atomic(args.out, records)
-    if records and "gold" in records[0]:
-        print(f"mean gold reward {sum(r['gold'] for r in records) / len(records):.3f}", file=sys.stderr)
+    golds = [r["gold"] for r in records if "gold" in r]
+    if golds:
+        print(f"mean gold reward {sum(golds) / len(golds):.3f} over {len(golds)} toy-world responses", file=sys.stderr)
     return Path(args.out)
 
 

@@ -35,11 +35,9 @@ def sample_policy(model, tokenizer, prompts: list[str], num_samples: int = 1, ma
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(model.device)
-            generated = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
-                num_return_sequences=num_samples,
-            )
+            # plain ancestral sampling (no top-k/top-p truncation), or greedy at temperature 0
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples, **sampling)
             responses = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, response in enumerate(responses):
                 out[start + i // num_samples].append(response.strip())

@@ -8,6 +8,10 @@ There is no BOS token (so no double-BOS pitfall).
 The BPE is trained on the toy vocabulary, each word both at the start of a line (``"cats"``) and
 after a space (``" cats"``), with an unlimited vocabulary budget: training merges until every
 toy word is a single token in both positions. The result has a few hundred tokens.
+
+Saved next to a Qwen2 model (``base/``, ``sft/``), ``AutoTokenizer`` loads it as ``Qwen2Tokenizer``,
+whose pre-tokenizer splits digits one by one, exactly as Qwen's does: there ``" 10"`` is
+``Ġ``, ``1``, ``0``. Every trainer and ``load_world().tokenizer`` load it that way.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ Cache directory: ``cache_dir`` or ``$MINIRLHF_CACHE`` or ``~/.cache/minirlhf``, 
 
     world.json          what was measured (Bayes accuracies, data statistics)
     data/*.jsonl        the datasets (see ``minirlhf.toy.corpus``)
-    tokenizer/          the toy tokenizer (HF format, chat_template.jinja)
-    base/               the untrained tiny Qwen2 model (+ tokenizer)
+    tokenizer/          the toy tokenizer as built (HF format, chat_template.jinja)
+    base/               the untrained tiny Qwen2 model (+ tokenizer: ``world.tokenizer_path``)
     sft/                the SFT policy (+ tokenizer, toy_eval.json: its gold reward)
 
 Each stage is built in a temporary directory next to its target and renamed into place, so an
@@ -29,12 +29,13 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerFast
 
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.toy import language
 from minirlhf.toy.corpus import CorpusSizes, build_corpus
 from minirlhf.toy.model import save_toy_model
 from minirlhf.toy.tokenizer import save_toy_tokenizer
 
-VERSION = "v2"
+VERSION = "v3"
 
 #: the data template (``minirlhf.data.templates``) of each dataset file
 TEMPLATES = {
@@ -164,8 +165,11 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, sft: bool = T
     data = world_dir / "data"
     return ToyWorld(
         seed=seed, dir=world_dir,
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(str(world_dir / "tokenizer")),
-        tokenizer_path=world_dir / "tokenizer", base_model=world_dir / "base", sft_model=sft_dir,
+        # Loaded the way every trainer loads it (AutoTokenizer next to a qwen2 config gives
+        # Qwen2Tokenizer, which splits digits one by one), so that the world and the trainers
+        # always tokenize alike.
+        tokenizer=load_tokenizer(world_dir / "base"),
+        tokenizer_path=world_dir / "base", base_model=world_dir / "base", sft_model=sft_dir,
         **{name: data / f"{name}.jsonl" for name in TEMPLATES},
         bayes_accuracy=meta["bayes_accuracy"], stats=stats,
     )

@@ -51,7 +51,11 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 
 # Hyperparameters for the toy world's ~1M-parameter SFT policy (fields left at their defaults).
-TOY_PRESET = dict(lr=2e-4, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
+# Measured on toy world v2, seed 0 (sigmoid DPO, 1 epoch): the gold reward of 4 samples per eval
+# prompt goes from −0.85 (SFT) to +0.40 (win rate 83%); test implicit-reward accuracy 74% (Bayes
+# 75%). With β = 0.1 and lr = 2e-4 instead, both log-probs fall fast, responses double in length
+# (the planted length bias) and the gold reward drops to −1.56: a small β invites over-optimisation.
+TOY_PRESET = dict(lr=1e-4, beta=0.5, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
 
 
 @dataclasses.dataclass

@@ -63,11 +63,11 @@ class GRPOArgs(common.TrainArgs):
     reward: str = "math"
     """The reward: a rule name (math = the final number equals the answer; gold = the toy
     world's gold reward) or a reward-model directory."""
-    steps: int = 40
+    steps: int = 60
     """GRPO iterations (rollout + update)."""
-    batch_size: int = 16
+    batch_size: int = 8
     """Prompts per rollout; each gets --group-size samples."""
-    group_size: int = 8
+    group_size: int = 16
     """G: samples per prompt (at least 2)."""
     minibatch_size: int = 0
     """Responses per optimizer step (0 = all batch_size × group_size responses: one on-policy step)."""
@@ -75,7 +75,7 @@ class GRPOArgs(common.TrainArgs):
     """Responses per forward/backward pass inside a minibatch (0 = the whole minibatch)."""
     ppo_epochs: int = 1
     """Passes over each rollout (μ in the GRPO paper)."""
-    lr: float = 2e-4
+    lr: float = 1e-3
     """AdamW learning rate (toy world; ~1e-6 for a 0.5B model)."""
     warmup_ratio: float = 0.0
     """Fraction of optimizer steps spent warming the learning rate up."""
