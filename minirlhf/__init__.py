@@ -30,4 +30,34 @@ from minirlhf.core.gae import gae_advantages
 from minirlhf.core.ppo_losses import clipped_surrogate, ppo_policy_loss, ppo_value_loss
 from minirlhf.core.grpo import group_advantages, grpo_loss, rloo_advantages
 
+__all__ = [
+    "entropy_from_logits",
+    "gather_logprobs",
+    "sequence_logprobs",
+    "shift_for_next_token",
+    "bradley_terry_loss",
+    "kwise_bradley_terry_loss",
+    "plackett_luce_loss",
+    "dpo_loss",
+    "dpop_penalty",
+    "kto_loss",
+    "orpo_loss",
+    "rdpo_length_margin",
+    "simpo_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "aggregate_token_losses",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "gae_advantages",
+    "clipped_surrogate",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "group_advantages",
+    "grpo_loss",
+    "rloo_advantages",
+]
+
 __version__ = "0.1.0"

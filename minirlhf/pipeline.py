@@ -12,7 +12,7 @@ sampled from, so every stage can be measured against the truth instead of agains
    with the Bayes-optimal accuracy E[σ(|Δr*|)] that no model can beat on BT-sampled labels.
 3. **DPO** on the same pairs (offline).
 4. **PPO** against the RM with the KL-shaped reward (β as the trainer's toy default).
-5. **PPO, small β**: the same with β ten times smaller — the policy drifts far from π_ref and
+5. **PPO, small β**: the same with β = 0.01 — the policy drifts far from π_ref and
    exploits what the RM over-pays for (the planted length bias: filler words).
 6. **GRPO** on the verifiable arithmetic task (rule-based reward, no critic).
 7. **Online DPO**: the policy samples pairs, the RM labels them, DPO updates.
@@ -44,7 +44,8 @@ QUICK = {
     "grpo": dict(steps=3, batch_size=4, group_size=4),
     "online_dpo": dict(steps=3, batch_size=8),
 }
-SMALL_BETA_FACTOR = 0.1
+# PPO's KL coefficient for the over-optimisation run (PPO's toy default is 0.3).
+SMALL_BETA = 0.01
 
 
 @dataclasses.dataclass
@@ -200,7 +201,7 @@ def write_report(args, world, rm_eval, results, num_prompts, plots_written, seco
         "",
         "## Reward model",
         "",
-        f"| | test accuracy | Bayes-optimal accuracy E[σ(|Δr*|)] | gap |",
+        "| | test accuracy | Bayes-optimal accuracy E[σ(|Δr*|)] | gap |",
         "|---|---|---|---|",
         f"| before training (random head on the SFT model) | {rm_eval['baseline']['accuracy']:.1%} | {bayes:.1%} | "
         f"{(bayes - rm_eval['baseline']['accuracy']) * 100:.1f} pts |",
@@ -224,7 +225,7 @@ def write_report(args, world, rm_eval, results, num_prompts, plots_written, seco
         verdict = ("the proxy rose while the gold reward fell: over-optimisation"
                    if proxy_gain > 0 > gold_gain else "no over-optimisation seen in this run")
         lines.append(
-            f"- **PPO with a small β** ({SMALL_BETA_FACTOR}× PPO's): RM score {proxy_gain:+.2f} and gold "
+            f"- **PPO with a small β** (β = {SMALL_BETA}): RM score {proxy_gain:+.2f} and gold "
             f"{gold_gain:+.2f} vs SFT, at KL {small['kl']:.1f} nats, {small['filler']:.2f} filler words per "
             f"response (SFT: {sft['filler']:.2f}) — {verdict}. Filler words are the planted length bias: the "
             "preference data pays for them, the gold reward does not."
@@ -304,10 +305,8 @@ def run_pipeline(args: PipelineArgs):
     # 3.-7. The policies, each starting from the SFT policy.
     policies = {"SFT": Path(sft)}
     policies["DPO"] = run_stage("dpo", args, train_dpo, stage_args(DPOArgs, args, "dpo", **data), log)
-    ppo_args = stage_args(PPOArgs, args, "ppo", reward=str(rm))
-    policies["PPO"] = run_stage("ppo", args, train_ppo, ppo_args, log)
-    small = stage_args(PPOArgs, args, "ppo", reward=str(rm))
-    small.beta = ppo_args.beta * SMALL_BETA_FACTOR
+    policies["PPO"] = run_stage("ppo", args, train_ppo, stage_args(PPOArgs, args, "ppo", reward=str(rm)), log)
+    small = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=SMALL_BETA)
     policies["PPO (small β)"] = run_stage("ppo_small_beta", args, train_ppo, small, log)
     policies["GRPO"] = run_stage("grpo", args, train_grpo, stage_args(GRPOArgs, args, "grpo", reward="math"), log)
     if args.online_dpo:

@@ -6,6 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tests' models are tiny: one thread is fastest, and two threads on shared cores mostly wait
+# for each other (a training step measured 4-8x slower under load).
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from minirlhf.errors import MinirlhfError
 from minirlhf.eval import compare, eval_rm, plots, score
@@ -10,14 +9,6 @@ from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.toy.language import gold_reward
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on shared cores mostly wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

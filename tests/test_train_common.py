@@ -12,14 +12,6 @@ from minirlhf.train import common
 from minirlhf.train.sft import sft_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on shared cores mostly wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 VOCAB = 32
 

@@ -14,14 +14,6 @@ from minirlhf.train.rm import RMArgs, train_rm
 from minirlhf.train.sft import SFTArgs, train_sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads on shared cores mostly wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

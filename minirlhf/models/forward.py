@@ -10,7 +10,6 @@ all start here). Two details make it correct and cheap:
   the last ~50 columns, so we ask the model for ``logits_to_keep`` columns and pad the log-probs
   back to ``[B, T]`` so they stay aligned with the labels ``input_ids[:, 1:]``.
 """
-import torch
 import torch.nn.functional as F
 
 from minirlhf.core.logprobs import entropy_from_logits, gather_logprobs, shift_for_next_token

@@ -47,12 +47,9 @@ from minirlhf.core.grpo import group_advantages, grpo_loss
 from minirlhf.core.masked import masked_sum
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import response_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.train import common
-from minirlhf.train.rewards import load_reward
 from minirlhf.train.rollout import (
-    PromptSet, final_path, generate_rollouts, gold_metrics, response_metrics, rollout_logprobs,
-    run_iterations, select_rows,
+    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
 )
 
 
@@ -127,46 +124,34 @@ def grpo_step_loss(policy, batch, args):
 
 def train_grpo(args: GRPOArgs):
     """Run GRPO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable)."""
-    # 1. Defaults (the toy world's SFT policy and arithmetic prompts), run directory, seed.
+    # 1. Defaults (the toy world's SFT policy and arithmetic prompts).
     world = common.toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.math_prompts), args.template or "prompt"
-    resume_from = common.prepare_run(args, "grpo")
-    device = common.select_device(args.device)
 
-    # 2. Tokenizer, policy (from the checkpoint when resuming), frozen reference, reward, prompts.
-    tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    reward_fn = load_reward(args.reward, device=device)
-    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
-                        args.max_prompt_len, args.system_prompt)
+    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
+    #    reference, reward, prompts.
+    run = start_online_run(args, "grpo")
+    policy, tokenizer, device = run.policy, run.tokenizer, run.device
 
     # 3. Optimizer and schedule (counted in optimizer steps).
     num_responses = args.batch_size * args.group_size
     minibatch_size = args.minibatch_size or num_responses
     if num_responses % minibatch_size:
         raise MinirlhfError(f"--minibatch-size {minibatch_size} must divide batch_size × group_size = {num_responses}")
-    updates_per_iteration = args.ppo_epochs * num_responses // minibatch_size
-    optimizer = common.make_optimizer(policy.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, args.steps * updates_per_iteration, args.warmup_ratio, args.lr_schedule)
-    start = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
-
-    def save_checkpoint(done):
-        return common.save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler)
+    run.make_optimizer(policy, updates_per_iteration=args.ppo_epochs * num_responses // minibatch_size)
 
     def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: save_checkpoint(iteration))
+        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
         # 1. Rollout: G samples per prompt; 2. one reward per response.
-        prompt_batch = prompts.batch(iteration, device)
+        prompt_batch = run.prompts.batch(iteration, device)
         with common.autocast(device):
             rollout = generate_rollouts(policy, tokenizer, prompt_batch, args.max_new_tokens,
                                         n_per_prompt=args.group_size, temperature=args.temperature)
-            rewards = reward_fn(rollout)
+            rewards = run.reward_fn(rollout)
             # 4. Log-probs of the samples under the sampling policy and the reference.
-            old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
-            ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
         # 3. Group-relative advantages: one number per response, shared by its tokens.
         advantages = group_advantages(rewards, args.group_size, scale=None if args.scale == "none" else "std")
         data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
@@ -183,7 +168,7 @@ def train_grpo(args: GRPOArgs):
                     micro, lambda b: grpo_step_loss(policy, b, args), micro_batch_weights(micro, args.aggregation),
                     device=device, guard=guard, step=iteration,
                 )
-                metrics.update(common.optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+                metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
                                                      guard=guard, step=iteration, example_ids=rows))
                 update_metrics.append(metrics)
 
@@ -198,13 +183,13 @@ def train_grpo(args: GRPOArgs):
         })
         if args.reward == "math":
             metrics["accuracy"] = metrics["reward"]
-        if prompts.is_toy:
+        if run.prompts.is_toy:
             metrics.update(gold_metrics(rollout))
         return metrics
 
     policy.train()
-    done = run_iterations(args, total=args.steps, start=start, one_iteration=one_iteration,
-                          save_checkpoint=save_checkpoint, desc="grpo")
+    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
+                          save_checkpoint=run.save_checkpoint, desc="grpo")
     return final_path(args, args.steps, done, policy, tokenizer)
 
 

@@ -29,12 +29,9 @@ from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import response_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.train import common
-from minirlhf.train.rewards import load_reward
 from minirlhf.train.rollout import (
-    PromptSet, final_path, generate_rollouts, gold_metrics, response_metrics, rollout_logprobs,
-    run_iterations, select_rows,
+    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
 )
 
 
@@ -94,7 +91,7 @@ def pair_loss(policy, batch, args):
 
 def train_online_dpo(args: OnlineDPOArgs):
     """Run online DPO with ``args``; returns the saved policy directory (``<out>/final``)."""
-    # 1. Defaults (the toy world's SFT policy, prompts and gold judge), run directory, seed.
+    # 1. Defaults (the toy world's SFT policy, prompts and gold judge).
     world = common.toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
@@ -102,33 +99,24 @@ def train_online_dpo(args: OnlineDPOArgs):
         args.reward = args.reward or "gold"
     if args.reward is None:
         raise MinirlhfError("online-dpo needs --reward: a reward-model directory or a rule name (gold, math)")
-    resume_from = common.prepare_run(args, "online-dpo")
-    device = common.select_device(args.device)
 
-    # 2. Tokenizer, policy, frozen reference, judge, prompts, optimizer (one step per iteration).
-    tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    judge = load_reward(args.reward, device=device)
-    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
-                        args.max_prompt_len, args.system_prompt)
-    optimizer = common.make_optimizer(policy.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
-    start = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
-
-    def save_checkpoint(done):
-        return common.save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler)
+    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
+    #    reference, judge (the reward), prompts; optimizer (one step per iteration).
+    run = start_online_run(args, "online-dpo")
+    policy, tokenizer, device = run.policy, run.tokenizer, run.device
+    run.make_optimizer(policy)
 
     def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: save_checkpoint(iteration))
+        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
         # 1. Two samples per prompt; 2. the judge's scores pick chosen and rejected.
         with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+            rollout = generate_rollouts(policy, tokenizer, run.prompts.batch(iteration, device), args.max_new_tokens,
                                         n_per_prompt=2, temperature=args.temperature)
-            scores = judge(rollout)
-            # 3. Reference log-probs (the policy's come with gradient in the loss).
-            ref_logprobs, mask = rollout_logprobs(reference, rollout, args.micro_batch_size)
-            old_logprobs, _ = rollout_logprobs(policy, rollout, args.micro_batch_size)
+            scores = run.reward_fn(rollout)
+            # 3. Reference log-probs for the loss (the policy's come with gradient in it); the
+            #    sampling policy's only for the logged KL. Both at temperature 1: DPO's implicit
+            #    reward is defined by π_θ itself, not by the sampling distribution.
+            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout)
         first, second = scores.view(-1, 2).unbind(-1)
         labelled = (first != second).nonzero().flatten()  # ties carry no preference
         first_wins = (first > second)[labelled]
@@ -149,24 +137,24 @@ def train_online_dpo(args: OnlineDPOArgs):
             weights = [len(ids) / len(pairs) for ids, _ in micro]
             metrics = common.accumulate_gradients(micro, lambda b: pair_loss(policy, b, args), weights,
                                                   device=device, guard=guard, step=iteration)
-            metrics.update(common.optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+            metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
                                                  guard=guard, step=iteration, example_ids=labelled.tolist()))
             metrics["judge_margin"] = float((scores[chosen_rows] - scores[rejected_rows]).mean())
         else:
-            scheduler.step()  # keep the schedule aligned with the iteration count
+            run.scheduler.step()  # keep the schedule aligned with the iteration count
         metrics.update({
             "reward": float(scores.mean()),
             "labelled_fraction": len(labelled) / len(first),
             "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(scores)),
             **response_metrics(rollout),
         })
-        if prompts.is_toy:
+        if run.prompts.is_toy:
             metrics.update(gold_metrics(rollout))
         return metrics
 
     policy.train()
-    done = run_iterations(args, total=args.steps, start=start, one_iteration=one_iteration,
-                          save_checkpoint=save_checkpoint, desc="online-dpo")
+    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
+                          save_checkpoint=run.save_checkpoint, desc="online-dpo")
     return final_path(args, args.steps, done, policy, tokenizer)
 
 

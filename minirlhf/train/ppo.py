@@ -51,13 +51,11 @@ from minirlhf.core.masked import masked_mean, masked_whiten, masked_sum
 from minirlhf.core.ppo_losses import ppo_policy_loss, ppo_value_loss
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import response_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.models.value_model import ValueModel
 from minirlhf.train import common
-from minirlhf.train.rewards import RewardModelReward, load_reward
+from minirlhf.train.rewards import RewardModelReward
 from minirlhf.train.rollout import (
-    PromptSet, final_path, generate_rollouts, gold_metrics, response_metrics, rollout_logprobs,
-    run_iterations, select_rows,
+    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
 )
 
 
@@ -172,7 +170,7 @@ def ppo_loss(policy, critic, batch, args):
 def train_ppo(args: PPOArgs):
     """Run PPO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable;
     the critic is saved next to it in ``<out>/critic``)."""
-    # 1. Defaults (the toy world's SFT policy, prompts and gold reward), run directory, seed.
+    # 1. Defaults (the toy world's SFT policy, prompts and gold reward).
     world = common.toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
@@ -184,52 +182,42 @@ def train_ppo(args: PPOArgs):
                             "`python -m minirlhf rm`) or a rule name (math, gold)")
     if args.ptx_coef > 0 and args.ptx_data is None:
         raise MinirlhfError("--ptx-coef > 0 needs --ptx-data (an SFT file)")
-    resume_from = common.prepare_run(args, "ppo")
-    device = common.select_device(args.device)
 
-    # 2. Tokenizer, policy (from the checkpoint when resuming), frozen reference, reward, critic.
-    tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    reward_fn = load_reward(args.reward, device=device)
-    if args.critic_init == "reward_model" and isinstance(reward_fn, RewardModelReward):
+    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
+    #    reference, reward, prompts; the critic and the ptx data.
+    run = start_online_run(args, "ppo")
+    policy, tokenizer, device = run.policy, run.tokenizer, run.device
+    if args.critic_init == "reward_model" and isinstance(run.reward_fn, RewardModelReward):
         critic = ValueModel.from_pretrained(args.reward, dtype=common.TRAIN_DTYPE, device=device)
     else:
         critic = ValueModel.from_causal_lm(args.model, dtype=common.TRAIN_DTYPE, device=device, seed=args.seed)
-    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
-                        args.max_prompt_len, args.system_prompt)
     ptx = _ptx_examples(args, tokenizer) if args.ptx_coef > 0 else None
 
-    # 3. One optimizer over policy and critic; the schedule counts optimizer steps.
+    # 3. One optimizer over policy and critic; the schedule counts optimizer steps. A checkpoint
+    #    also holds the critic and the KL controller's β.
     if args.batch_size % args.minibatch_size:
         raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
     models = torch.nn.ModuleDict({"policy": policy, "critic": critic})
-    updates_per_iteration = args.ppo_epochs * args.batch_size // args.minibatch_size
-    optimizer = common.make_optimizer(models.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, args.steps * updates_per_iteration, args.warmup_ratio, args.lr_schedule)
+    extra = run.make_optimizer(models, updates_per_iteration=args.ppo_epochs * args.batch_size // args.minibatch_size)
     kl_controller = AdaptiveKLController(args.beta, args.target_kl, args.kl_horizon)
-    start = 0
-    if resume_from:
-        state = common.load_training_state(resume_from, optimizer, scheduler)
-        critic.load_state_dict(state["extra"]["critic"])
-        kl_controller.beta, start = state["extra"]["beta"], state["step"]
+    if run.resume_from:
+        critic.load_state_dict(extra["critic"])
+        kl_controller.beta = extra["beta"]
 
     def save_checkpoint(done):
-        extra = {"critic": critic.state_dict(), "beta": kl_controller.beta}
-        return common.save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, extra)
+        return run.save_checkpoint(done, {"critic": critic.state_dict(), "beta": kl_controller.beta})
 
     def one_iteration(iteration):
         # A NaN/inf stops the run with a checkpoint of the weights before the failing step.
         guard = common.DivergenceGuard(lambda: save_checkpoint(iteration))
         # 1. Rollout: one response per prompt from the current policy.
-        prompt_batch = prompts.batch(iteration, device)
+        prompt_batch = run.prompts.batch(iteration, device)
         with common.autocast(device):
             rollout = generate_rollouts(policy, tokenizer, prompt_batch, args.max_new_tokens,
                                         temperature=args.temperature)
             # 2. Score with the reward (proxy); 3. log-probs under π_old and π_ref, values.
-            scores = reward_fn(rollout)
-            old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
-            ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+            scores = run.reward_fn(rollout)
+            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
             with torch.no_grad():
                 old_values = critic(rollout["input_ids"], rollout["attention_mask"])[:, :-1]
         # 4. KL-shaped per-token rewards; 5. GAE advantages, whitened over the batch.
@@ -259,7 +247,7 @@ def train_ppo(args: PPOArgs):
                     micro, lambda b: ppo_loss(policy, critic, b, args), weights,
                     device=device, guard=guard, step=iteration,
                 )
-                metrics.update(common.optimizer_step(models, optimizer, scheduler, args.max_grad_norm,
+                metrics.update(common.optimizer_step(models, run.optimizer, run.scheduler, args.max_grad_norm,
                                                      guard=guard, step=iteration, example_ids=rows))
                 update_metrics.append(metrics)
 
@@ -275,13 +263,13 @@ def train_ppo(args: PPOArgs):
             "beta": kl_controller.beta,
             **response_metrics(rollout),
         })
-        if prompts.is_toy:
+        if run.prompts.is_toy:
             metrics.update(gold_metrics(rollout))
         return metrics
 
     policy.train()
     critic.train()
-    done = run_iterations(args, total=args.steps, start=start, one_iteration=one_iteration,
+    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
                           save_checkpoint=save_checkpoint, desc="ppo")
     if done == args.steps:
         common.write_dir_atomic(Path(args.out) / "critic", lambda tmp: critic.save_pretrained(tmp, tokenizer))

@@ -26,18 +26,13 @@ import dataclasses
 import sys
 import typing
 
-import torch
-
 from minirlhf.core.grpo import rloo_advantages
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
 from minirlhf.models.forward import response_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.train import common
-from minirlhf.train.rewards import load_reward
 from minirlhf.train.rollout import (
-    PromptSet, final_path, generate_rollouts, gold_metrics, response_metrics, rollout_logprobs,
-    run_iterations, select_rows,
+    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
 )
 
 
@@ -81,37 +76,26 @@ def reinforce_loss(policy, batch, args):
 
 def train_rloo(args: RLOOArgs):
     """Run RLOO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable)."""
-    # 1. Defaults (the toy world's SFT policy and arithmetic prompts), run directory, seed.
+    # 1. Defaults (the toy world's SFT policy and arithmetic prompts).
     world = common.toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.math_prompts), args.template or "prompt"
-    resume_from = common.prepare_run(args, "rloo")
-    device = common.select_device(args.device)
 
-    # 2. Tokenizer, policy, frozen reference, reward, prompts, optimizer (one step per iteration).
-    tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    reward_fn = load_reward(args.reward, device=device)
-    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
-                        args.max_prompt_len, args.system_prompt)
-    optimizer = common.make_optimizer(policy.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
-    start = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
-
-    def save_checkpoint(done):
-        return common.save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler)
+    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
+    #    reference, reward, prompts; optimizer (one step per iteration).
+    run = start_online_run(args, "rloo")
+    policy, tokenizer, device = run.policy, run.tokenizer, run.device
+    run.make_optimizer(policy)
 
     def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: save_checkpoint(iteration))
+        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
         # 1. Rollout; 2. reward; 3. KL-penalised sequence rewards.
         with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+            rollout = generate_rollouts(policy, tokenizer, run.prompts.batch(iteration, device), args.max_new_tokens,
                                         n_per_prompt=args.group_size, temperature=args.temperature)
-            scores = reward_fn(rollout)
-            old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
-            ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+            scores = run.reward_fn(rollout)
+            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
         sequence_kl = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
         # 4. Leave-one-out advantages of the penalised rewards.
         advantages = rloo_advantages(scores - args.beta * sequence_kl, args.group_size)
@@ -124,7 +108,7 @@ def train_rloo(args: RLOOArgs):
         weights = [len(part) / len(rows) for part, _ in micro]
         metrics = common.accumulate_gradients(micro, lambda b: reinforce_loss(policy, b, args), weights,
                                               device=device, guard=guard, step=iteration)
-        metrics.update(common.optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+        metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
                                              guard=guard, step=iteration, example_ids=rows))
         metrics.update({
             "reward": float(scores.mean()),
@@ -132,13 +116,13 @@ def train_rloo(args: RLOOArgs):
             "penalised_reward": float((scores - args.beta * sequence_kl).mean()),
             **response_metrics(rollout),
         })
-        if prompts.is_toy:
+        if run.prompts.is_toy:
             metrics.update(gold_metrics(rollout))
         return metrics
 
     policy.train()
-    done = run_iterations(args, total=args.steps, start=start, one_iteration=one_iteration,
-                          save_checkpoint=save_checkpoint, desc="rloo")
+    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
+                          save_checkpoint=run.save_checkpoint, desc="rloo")
     return final_path(args, args.steps, done, policy, tokenizer)
 
 

@@ -15,16 +15,21 @@ pass over a single column that reads the cache. Position ids follow the reposito
 ``attention_mask.cumsum(-1) - 1``, so a left-padded prompt samples exactly what it would unpadded.
 
 The rest of this file is what the four online trainers share around their own update: the prompt
-set they cycle through, log-probs over a rollout in micro-batches, the toy world's gold reward for
+set they cycle through, their common setup (``start_online_run``: models, reward, optimizer,
+resume, checkpoints), log-probs over a rollout in micro-batches, the toy world's gold reward for
 logging, and the iteration loop with its logging and checkpoints.
 """
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
 from minirlhf.models.forward import position_ids_from_attention_mask, response_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.train import common
+from minirlhf.train.rewards import load_reward
 
 
 def eos_token_ids(model, tokenizer):
@@ -212,6 +217,77 @@ def rollout_logprobs(model, rollout, micro_batch_size=0, temperature=1.0):
         chunks.append(response_logprobs(model, part["input_ids"], part["attention_mask"],
                                         part["response_mask"], temperature=temperature))
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+@dataclasses.dataclass
+class OnlineRun:
+    """What an online trainer holds for its whole run; ``start_online_run`` builds it.
+
+    ``policy`` is trained (loaded from ``resume_from`` when resuming); ``reference`` is a frozen
+    copy of ``args.model``; ``reward_fn(rollout)`` returns one score per response ``[B]``;
+    ``prompts`` gives each iteration's prompts. ``optimizer``, ``scheduler`` and ``start`` (the
+    iterations already done) are set by ``make_optimizer``.
+    """
+
+    args: typing.Any
+    device: torch.device
+    resume_from: typing.Optional[Path]
+    tokenizer: typing.Any
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    reward_fn: typing.Callable
+    prompts: PromptSet
+    optimizer: typing.Optional[torch.optim.Optimizer] = None
+    scheduler: typing.Any = None
+    start: int = 0
+
+    def make_optimizer(self, models, updates_per_iteration=1):
+        """One AdamW over ``models``' parameters (the policy, plus PPO's critic) and a schedule over
+        ``args.steps · updates_per_iteration`` optimizer steps. When resuming, restores their
+        states and the RNGs and sets ``start``; returns the checkpoint's ``extra`` (``{}`` if none).
+        """
+        args = self.args
+        self.optimizer = common.make_optimizer(models.parameters(), args.lr, args.weight_decay)
+        self.scheduler = common.make_scheduler(self.optimizer, args.steps * updates_per_iteration,
+                                               args.warmup_ratio, args.lr_schedule)
+        if self.resume_from is None:
+            return {}
+        state = common.load_training_state(self.resume_from, self.optimizer, self.scheduler)
+        self.start = state["step"]
+        return state.get("extra") or {}
+
+    def save_checkpoint(self, done, extra=None):
+        """Checkpoint ``out/checkpoints/step-{done}``: policy, tokenizer, optimizer, scheduler and
+        ``extra`` (what else the trainer needs to resume, e.g. PPO's critic). Returns its path."""
+        return common.save_checkpoint(self.args.out, done, self.policy, self.tokenizer,
+                                      self.optimizer, self.scheduler, extra)
+
+    def policy_and_reference_logprobs(self, rollout, temperature=1.0):
+        """``log π_old`` (the policy as it sampled) and ``log π_ref`` of the rollout's tokens, no
+        gradient, in micro-batches of ``args.micro_batch_size``. Returns
+        ``(old_logprobs, ref_logprobs, mask)``, all ``[B, T]``."""
+        old_logprobs, mask = rollout_logprobs(self.policy, rollout, self.args.micro_batch_size, temperature)
+        ref_logprobs, _ = rollout_logprobs(self.reference, rollout, self.args.micro_batch_size, temperature)
+        return old_logprobs, ref_logprobs, mask
+
+
+def start_online_run(args, algo):
+    """The setup every online trainer shares, after it has filled in its defaults.
+
+    Prepares the run directory (``args.json``, seed, the checkpoint to resume from), then loads
+    the tokenizer, the frozen reference π_ref (``args.model``), the policy π_θ (from the checkpoint
+    when resuming, else ``args.model``), the reward ``args.reward`` and the prompts
+    ``args.data``. Returns an ``OnlineRun``; call its ``make_optimizer`` next.
+    """
+    resume_from = common.prepare_run(args, algo)
+    device = common.select_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    reference = make_reference(load_policy(args.model, dtype=common.TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
+    reward_fn = load_reward(args.reward, device=device)
+    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed,
+                        args.max_prompt_len, args.system_prompt)
+    return OnlineRun(args, device, resume_from, tokenizer, policy, reference, reward_fn, prompts)
 
 
 def gold_metrics(rollout):
