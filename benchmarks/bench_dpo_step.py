@@ -269,8 +269,8 @@ def main():
     naive = results["naive"]
     common.print_table(
         f"DPO step, {args.shape} model ({n_params / 1e6:.1f}M parameters), {args.pairs} pairs, "
-        f"{tokens} tokens/step: ratios (naive ÷ ours; > 1 = ours is better)",
-        ["variant", "tokens/s ×", "peak memory (total) ×", "peak activations ×"],
+        f"{tokens} tokens/step: ratios (> 1 = ours is better)",
+        ["variant", "tokens/s, ours ÷ naive", "peak memory total, naive ÷ ours", "peak activations, naive ÷ ours"],
         [[name, r["speedup_vs_naive"], naive["peak_total_bytes"] / r["peak_total_bytes"],
           naive["peak_activation_bytes"] / r["peak_activation_bytes"]]
          for name, r in results.items() if name != "naive"],

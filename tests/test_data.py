@@ -427,3 +427,9 @@ def test_hub_dataset_name_with_config_and_split(monkeypatch):
     assert read_records("PKU-Alignment/align-anything@text-to-text:train")[0]["question"] == "q"
     read_records("some/dataset")
     assert calls == [("PKU-Alignment/align-anything", "text-to-text", "train"), ("some/dataset", None, "train")]
+
+
+def test_missing_template_is_a_clear_error(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(DataError, match=r"no template given; pass --template NAME \(one of: .*align_anything"):
+        load_prompt_data(path, None, tiny_tokenizer)

@@ -4,7 +4,7 @@ import math
 
 from minirlhf.__main__ import main
 
-POLICIES = ["SFT", "DPO", "PPO", "PPO (small β)", "GRPO", "online DPO"]
+POLICIES = ["SFT", "DPO", "PPO", "PPO (small β)", "GRPO (math)", "GRPO (gold)", "online DPO"]
 
 
 def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
         assert all(math.isfinite(v) for v in summary.values())
     assert results["policies"]["SFT"]["kl"] == 0.0  # the reference against itself
     assert 0.5 < results["bayes_accuracy"] < 1.0
-    for stage in ["rm", "dpo", "ppo", "ppo_small_beta", "grpo", "online_dpo"]:
+    for stage in ["rm", "dpo", "ppo", "ppo_small_beta", "grpo_math", "grpo_gold", "online_dpo"]:
         assert (out / stage / "final" / "config.json").exists()
     for plot in ["gold_by_policy.png", "proxy_by_policy.png", "length_by_policy.png"]:
         assert (out / plot).stat().st_size > 0
@@ -30,4 +30,4 @@ def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
     # A second run finds every stage trained and only evaluates again.
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().err.count("already trained") == 6
+    assert capsys.readouterr().err.count("already trained") == 7

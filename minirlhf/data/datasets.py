@@ -23,6 +23,7 @@ from minirlhf.data.templates import (
     PreferenceExample,
     PromptExample,
     SFTExample,
+    TEMPLATES,
     SkipRecord,
     get_template,
 )
@@ -141,6 +142,8 @@ def convert_records(path, template, kind=PreferenceExample):
     kinds are converted when natural (see the module docstring). Returns ``([(where, example)], DataReport)``; broken records raise
     ``DataError`` with file, line and field; useless ones are counted in ``report.skipped``.
     """
+    if template is None:
+        raise DataError(f"{path}: no template given; pass --template NAME (one of: {', '.join(sorted(TEMPLATES))})")
     template_name = template if isinstance(template, str) else template.__name__
     convert = get_template(template) if isinstance(template, str) else template
     report = DataReport(str(path), template_name)

@@ -69,9 +69,11 @@ def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, p
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
 
-    # 1. Prefill: one pass over the prompts fills the cache and gives the first token's logits.
+    # 1. Prefill: one pass over the prompts fills the cache and gives the first token's logits
+    #    (only the last column's: at Qwen's 151,936-token vocabulary the others would cost GBs).
     outputs = model(input_ids=prompt_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_attention_mask(attention_mask), use_cache=True)
+                    position_ids=position_ids_from_attention_mask(attention_mask), use_cache=True,
+                    logits_to_keep=1)
     for _ in range(max_new_tokens):
         # 2. Sample the next token from the last position's distribution.
         logits = outputs.logits[:, -1, :].float()
@@ -279,6 +281,7 @@ def start_online_run(args, algo):
     when resuming, else ``args.model``), the reward ``args.reward`` and the prompts
     ``args.data``. Returns an ``OnlineRun``; call its ``make_optimizer`` next.
     """
+    args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = common.prepare_run(args, algo)
     device = common.select_device(args.device)
     tokenizer = load_tokenizer(args.model)
