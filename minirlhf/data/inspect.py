@@ -137,14 +137,11 @@ def _stats(lengths):
 
 
 def _plot(groups, unit, title, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from minirlhf.eval.plots import subplots
 
     values = [v for lengths in groups.values() for v in lengths]
     bins = min(50, max(values) - min(values) + 1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, lengths in groups.items():
         ax.hist(lengths, bins=bins, range=(min(values), max(values) + 1), alpha=0.5, label=f"{name} (n={len(lengths)})")
     ax.set(xlabel=f"length ({unit})", ylabel="count", title=title)
@@ -153,5 +150,4 @@ def _plot(groups, unit, title, path):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")  # write then rename: never a half-written image
     fig.savefig(tmp, format=path.suffix[1:].lower())
-    plt.close(fig)
     os.replace(tmp, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minirlhf.eval.plots import read_csv_columns
+from minirlhf.eval.plots import read_csv_columns, subplots
 
 
 def running_mean(values, window):
@@ -46,14 +46,9 @@ def plot_overoptimisation(runs, path, smooth=5, x="sqrt_kl", title="Reward over-
     or a single run directory. ``x``: ``"sqrt_kl"`` (Gao et al.'s d = sqrt(KL)) or ``"kl"``.
     Writes a PNG; returns its path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not isinstance(runs, dict):
         runs = {"ppo": runs}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     for index, (label, run_dir) in enumerate(runs.items()):
         curves = overoptimisation_curves(run_dir, smooth)
         color = f"C{index}"
@@ -68,5 +63,4 @@ def plot_overoptimisation(runs, path, smooth=5, x="sqrt_kl", title="Reward over-
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -2,17 +2,15 @@
 per-prompt differences, length distributions, and line plots (gold vs proxy reward against KL).
 
 Every function takes plain numbers (lists / 1-D arrays / tensors), writes one PNG to ``path`` and
-returns the path, so the eval commands, the pipeline report and a notebook share them. Matplotlib
-runs headless (the Agg backend); figures are closed after saving.
+returns the path, so the eval commands, the pipeline report and a notebook share them. Figures are
+built with ``matplotlib.figure.Figure`` rather than pyplot: no GUI backend is involved (headless
+runs need none) and a notebook's own ``%matplotlib inline`` setting is left alone.
 """
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def _array(values):
@@ -26,8 +24,14 @@ def _save(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
+
+
+def subplots(*args, **kwargs):
+    """``(figure, axes)`` like ``pyplot.subplots``, on a plain ``Figure`` (no backend, no global state)."""
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _common_bins(groups, bins):
@@ -51,7 +55,7 @@ def _histograms_on(ax, groups, bins, xlabel, title):
 
 def histograms(groups, path, title="", xlabel="score", bins=40):
     """Overlaid histograms on shared bins, e.g. ``{"chosen": scores, "rejected": scores}``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     _histograms_on(ax, groups, bins, xlabel, title)
     return _save(fig, path)
 
@@ -59,7 +63,7 @@ def histograms(groups, path, title="", xlabel="score", bins=40):
 def histogram_panels(panels, path, xlabel="score", bins=40):
     """Side-by-side overlaid histograms, one panel per entry of ``{panel title: groups}`` — e.g.
     chosen vs rejected scores before and after reward-model training (as in the seeds)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, groups) in zip(axes[0], panels.items()):
         _histograms_on(ax, groups, bins, xlabel, title)
     return _save(fig, path)
@@ -67,7 +71,7 @@ def histogram_panels(panels, path, xlabel="score", bins=40):
 
 def boxplots(groups, path, title="", ylabel="score"):
     """One box per group (median, quartiles, outliers), e.g. base vs tuned scores."""
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(groups), 4))
+    fig, ax = subplots(figsize=(1.8 + 1.4 * len(groups), 4))
     ax.boxplot([_array(v) for v in groups.values()])
     ax.set_xticks(range(1, len(groups) + 1), list(groups))
     ax.axhline(0.0, color="grey", linewidth=0.5)
@@ -80,7 +84,7 @@ def difference_histogram(differences, path, title="", xlabel="tuned − base sco
     """Histogram of per-prompt differences with a line at 0; the title gets the win rate."""
     differences = _array(differences)
     wins = (differences > 0).mean() + 0.5 * (differences == 0).mean() if differences.size else float("nan")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.hist(differences, bins=bins, color="tab:green", alpha=0.7)
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel(xlabel)
@@ -91,7 +95,7 @@ def difference_histogram(differences, path, title="", xlabel="tuned − base sco
 
 def lines(series, path, xlabel, ylabel, title=""):
     """Line plot of ``{name: (xs, ys)}`` — e.g. gold and proxy reward against KL(π‖π_ref)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, (xs, ys) in series.items():
         ax.plot(_array(xs), _array(ys), marker="o", markersize=3, label=name)
     ax.set_xlabel(xlabel)
@@ -130,7 +134,7 @@ def training_curves(run_dir, metrics, path, title=""):
     splits = {s: read_csv_columns(run_dir / f"{s}.csv") for s in ("train", "eval") if (run_dir / f"{s}.csv").exists()}
     panels = [(m,) if isinstance(m, str) else tuple(m) for m in metrics]
     panels = [p for p in panels if any(n in cols for cols in splits.values() for n in p)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
+    fig, axes = subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
     for ax, names in zip(axes[0], panels):
         for split, columns in splits.items():
             for name in names:
