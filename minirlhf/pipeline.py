@@ -151,18 +151,13 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
 
 def prompt_batches(world, tokenizer, limit, device, batch_size=64):
     """The toy world's held-out prompts as left-padded batches (``collate_prompts``)."""
-    from minirlhf.data import collate_prompts, load_prompt_data
-    from minirlhf.train.rollout import prompt_text
+    from minirlhf.data import load_prompt_data
+    from minirlhf.train.rollout import prompt_batch
 
     examples, _ = load_prompt_data(str(world.eval_prompts), world.templates["eval_prompts"], tokenizer, 64)
     examples = examples[:limit] if limit else examples
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
-        batch["prompts"] = [prompt_text(p) for p in batch.pop("prompt")]
-        batch["answers"] = batch.pop("answer")
-        batches.append(common.to_device(batch, device))
-    return batches
+    return [prompt_batch(examples[start : start + batch_size], tokenizer.pad_token_id, device)
+            for start in range(0, len(examples), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,13 +271,12 @@ def run_pipeline(args: PipelineArgs):
     """Run every stage, evaluate, write the report; returns the report's path."""
     from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
     from minirlhf.models.policy import load_policy, load_tokenizer
-    from minirlhf.train import dpo as dpo_trainer, rm as rm_trainer
-    from minirlhf.train.dpo import DPOArgs, train_dpo
+    from minirlhf.train.dpo import TOY_PRESET as DPO_TOY_PRESET, DPOArgs, train_dpo
     from minirlhf.train.grpo import GRPOArgs, train_grpo
     from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo
     from minirlhf.train.ppo import PPOArgs, train_ppo
     from minirlhf.train.rewards import RewardModelReward
-    from minirlhf.train.rm import RMArgs, train_rm
+    from minirlhf.train.rm import TOY_PRESET as RM_TOY_PRESET, RMArgs, train_rm
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -304,13 +298,13 @@ def run_pipeline(args: PipelineArgs):
     offline = dict(model=sft, eval_every=0, **data)
 
     # 2. Reward model, and its accuracy against the Bayes ceiling (before vs after training).
-    rm = run_stage("rm", args, train_rm, stage_args(RMArgs, args, "rm", **{**rm_trainer.TOY_PRESET, **offline}), log)
+    rm = run_stage("rm", args, train_rm, stage_args(RMArgs, args, "rm", **{**RM_TOY_PRESET, **offline}), log)
     rm_eval = evaluate_reward_model(EvalRMArgs(model=str(rm), baseline=sft, data=data.get("eval_data"),
                                                out=str(out / "rm" / "eval"), seed=args.seed, device=args.device))
 
     # 3.-7. The policies, each starting from the SFT policy.
     policies = {"SFT": Path(sft)}
-    dpo_args = stage_args(DPOArgs, args, "dpo", **{**dpo_trainer.TOY_PRESET, **offline})
+    dpo_args = stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline})
     policies["DPO"] = run_stage("dpo", args, train_dpo, dpo_args, log)
     ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=PPO_BETA, steps=PPO_STEPS)
     policies["PPO"] = run_stage("ppo", args, train_ppo, ppo, log)

@@ -261,8 +261,9 @@ def _row_blocks(logits, compute_dtype):
     """Index tuples ``(batch slice, position slice)`` covering ``logits[:, :, :]`` in chunks.
 
     A chunk holds at most ``rows`` positions, chosen so that one chunk in ``compute_dtype`` is
-    ``_CHUNK_FRACTION`` of the logits' bytes, but at least ``_MIN_CHUNK_BYTES`` (and one position). Chunks are whole sequences or
-    pieces of one sequence, so a non-contiguous view such as ``logits[:, :-1]`` is never copied.
+    ``_CHUNK_FRACTION`` of the logits' bytes, but at least ``_MIN_CHUNK_BYTES`` (and one position).
+    Chunks are whole sequences or pieces of one sequence, so a non-contiguous view such as
+    ``logits[:, :-1]`` is never copied.
     """
     batch, length, vocab = logits.shape
     chunk_bytes = max(logits.numel() * logits.element_size() * _CHUNK_FRACTION, _MIN_CHUNK_BYTES)

@@ -182,12 +182,19 @@ class PromptSet:
     def batch(self, iteration, device):
         """Iteration ``iteration``'s prompts: ``input_ids``, ``attention_mask`` ``[B0, P]``
         (left-padded), ``prompts`` (the user requests as text) and ``answers`` (or None each)."""
-        from minirlhf.data import collate_prompts
+        return prompt_batch([self.examples[i] for i in self.schedule.batch(iteration)], self.pad_id, device)
 
-        batch = collate_prompts([self.examples[i] for i in self.schedule.batch(iteration)], self.pad_id)
-        batch["prompts"] = [prompt_text(p) for p in batch.pop("prompt")]
-        batch["answers"] = batch.pop("answer")
-        return common.to_device(batch, device)
+
+def prompt_batch(examples, pad_id, device):
+    """Prompt examples (``load_prompt_data``) as one batch for ``generate_rollouts``:
+    ``input_ids``, ``attention_mask`` ``[B0, P]`` (left-padded), ``prompts`` (the user requests as
+    text) and ``answers`` (or None each), on ``device``."""
+    from minirlhf.data import collate_prompts
+
+    batch = collate_prompts(examples, pad_id)
+    batch["prompts"] = [prompt_text(p) for p in batch.pop("prompt")]
+    batch["answers"] = batch.pop("answer")
+    return common.to_device(batch, device)
 
 
 def _is_toy_prompt(text):
