@@ -12,26 +12,32 @@ tensors must be equal. A check that is *about* precision (float32 log-probs, k3 
 its own tolerance.
 """
 import math
+import re
 
 import torch
+
+from minirlhf.homework.execute import clone, execute, plain
 
 RTOL, ATOL = 1e-5, 1e-6
 GRADIENT_NOTE = "L = Σ w · outputs with fixed random weights w"
 
 
-def expected_outputs(check, x, got, reference):
-    """What ``check`` expects: ``check.expect(x, got)``, or the reference's outputs on ``x``."""
-    from minirlhf.homework.execute import clone, execute, plain
-
+def expected_outputs(check, x, got, reference, memo=None):
+    """What ``check`` expects: ``check.expect(x, got)``, or the reference's outputs on ``x`` (kept
+    in ``memo`` when given: the grader computes them once per check, not once per submission)."""
     if check.expect is None:
+        if memo is not None and id(check) in memo:
+            return memo[id(check)]
         record = execute(check, reference, clone(x))
         if record["status"] != "ok":
             raise RuntimeError(f"the reference fails check {check.name!r}: {record['error']}")
+        if memo is not None:
+            memo[id(check)] = record["outputs"]
         return record["outputs"]
     return plain(check.expect(clone(x), got))
 
 
-def judge(check, x, record, reference):
+def judge(check, x, record, reference, memo=None):
     """Failure messages of one executed check (an empty list: it passed)."""
     if record["status"] != "ok":
         error = record.get("error") or {}
@@ -43,7 +49,7 @@ def judge(check, x, record, reference):
         return [f"expected {kind}{f' (message matching {pattern!r})' if pattern else ''}, but the call returned normally"]
     got = record["outputs"]
     try:
-        expected = expected_outputs(check, x, got, reference)
+        expected = expected_outputs(check, x, got, reference, memo)
     except (RuntimeError, IndexError, TypeError, ValueError, KeyError, AttributeError) as err:
         if check.expect is None:
             raise
@@ -164,8 +170,6 @@ def _short(x):
 
 
 def _raised(error, kind, pattern):
-    import re
-
     return kind in error.get("types", ()) and re.search(pattern, error.get("message", "")) is not None
 
 

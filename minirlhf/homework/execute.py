@@ -82,7 +82,7 @@ def clone(x):
 def run_in_process(check, f, reference):
     """pytest's path (no isolation): run ``check`` on ``f`` here and raise AssertionError with the
     same messages the grader prints."""
-    from minirlhf.homework.compare import judge
+    from minirlhf.homework.compare import judge  # compare imports this module
 
     x = check.inputs()
     record = execute(check, f, clone(x))

@@ -23,10 +23,23 @@ def at_last_real_token(x, got):
     return {"end scores": x["token_scores"][torch.arange(len(last)), last]}
 
 
+def both_tokenizers(rows):
+    """The same rows with a tokenizer whose pad is 0 and with one whose pad is its EOS (2)."""
+    return lambda: {"own pad": case(0, rows)(), "pad == eos": case(EOS, rows)()}
+
+
+def run_both(f, x):
+    return {f"{name}: end scores": run(f, batch)["end scores"] for name, batch in x.items()}
+
+
+def expect_both(x, got):
+    return {f"{name}: end scores": at_last_real_token(batch, got)["end scores"] for name, batch in x.items()}
+
+
 CHECKS = [
-    Check("a tokenizer with its own pad token (pad 0, eos 2): right-, left- and unpadded rows", case(0, [0, 1, 2]),
-          run, at_last_real_token),
-    Check("pad == eos: a right-padded row that ends in a real EOS", case(EOS, [0]), run, at_last_real_token,
-          hint="the real EOS has the pad's id: only the attention mask tells them apart"),
-    Check("pad == eos: right-, left- and unpadded rows", case(EOS, [0, 1, 2]), run, at_last_real_token),
+    Check("a right-padded row that ends in a real EOS, with pad 0 and with pad == eos", both_tokenizers([0]),
+          run_both, expect_both, hint="the real EOS has the pad's id: only the attention mask tells them apart"),
+    Check("right-, left- and unpadded rows, with pad 0 and with pad == eos", both_tokenizers([0, 1, 2]),
+          run_both, expect_both),
+    Check("pad == eos, the rows in another order", case(EOS, [2, 0, 1]), run, at_last_real_token),
 ]

@@ -20,13 +20,13 @@ def exact(x, got):
 
 
 CHECKS = [
-    Check("k3 is never negative and 0 at π = π_ref", lambda: {"pi": PI, "ref": REF}, k3,
-          lambda x, got: {"never negative": True, "0 at π = π_ref": torch.zeros(1, 3, dtype=torch.float64)}),
-    Check("E_π[k3] over a 3-token distribution is exactly KL(π ‖ π_ref)", lambda: {"pi": PI, "ref": REF}, k3,
-          lambda x, got: {"E_π[k3]": (x["pi"] * (x["pi"] / x["ref"]).log()).sum()},
+    Check("E_π[k3] over a 3-token distribution is exactly KL(π ‖ π_ref); k3 ≥ 0, and 0 at π = π_ref",
+          lambda: {"pi": PI, "ref": REF}, k3,
+          lambda x, got: {"E_π[k3]": (x["pi"] * (x["pi"] / x["ref"]).log()).sum(), "never negative": True,
+                          "0 at π = π_ref": torch.zeros(1, 3, dtype=torch.float64)},
           hint="the mean of (ρ − 1) under π is 0 only for one of the two ratios"),
     Check("per token: (ρ − 1) − log ρ with ρ = π_ref/π", lambda: {"pi": PI, "ref": REF}, k3, exact),
-    Check("a second pair of distributions, π close to uniform",
+    Check("a second pair of distributions, π close to uniform: per token, and E_π[k3] = KL",
           lambda: {"pi": torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64), "ref": torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)},
           k3, lambda x, got: exact(x, got) | {"E_π[k3]": (x["pi"] * (x["pi"] / x["ref"]).log()).sum()}),
 ]
