@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from minirlhf.homework.execute import run_in_process
+from minirlhf.homework.compare import run_in_process
 from minirlhf.homework.exercises import BY_NAME
 
 

@@ -17,7 +17,7 @@ from minirlhf.homework import build, transfer
 from minirlhf.homework.build import MarkerError, marked_regions, render
 from minirlhf.homework.compare import compare
 from minirlhf.homework.delegation import DelegationError, blocked_source
-from minirlhf.homework.execute import run_in_process
+from minirlhf.homework.compare import run_in_process
 from minirlhf.homework.exercises import BY_NAME, EXERCISES, exercise_of
 from minirlhf.homework.impl import load_implementation
 

@@ -64,6 +64,17 @@ def judge(check, x, record, reference, memo=None):
     return failures
 
 
+def run_in_process(check, f, reference):
+    """pytest's path (no isolation): run ``check`` on ``f`` here and raise AssertionError with the
+    same messages the grader prints."""
+    x = check.inputs()
+    record = execute(check, f, clone(x))
+    failures = judge(check, x, record, reference)
+    if failures:
+        hint = f"\nhint: {check.hint}" if check.hint else ""
+        raise AssertionError(f"{check.name}\n" + "\n".join(failures) + hint)
+
+
 _MISSING = object()
 
 

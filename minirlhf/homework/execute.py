@@ -1,7 +1,7 @@
 """Run one check's call on a submission and turn what it returns (or raises) into plain data.
 
 The same code runs in the grader's worker process (``worker.py``) and in pytest
-(``run_in_process``, the students' debugging path), so a check means the same in both.
+(``compare.run_in_process``, the students' debugging path), so a check means the same in both.
 """
 import traceback
 
@@ -77,16 +77,3 @@ def clone(x):
     if isinstance(x, list):
         return [clone(v) for v in x]
     return x
-
-
-def run_in_process(check, f, reference):
-    """pytest's path (no isolation): run ``check`` on ``f`` here and raise AssertionError with the
-    same messages the grader prints."""
-    from minirlhf.homework.compare import judge  # compare imports this module
-
-    x = check.inputs()
-    record = execute(check, f, clone(x))
-    failures = judge(check, x, record, reference)
-    if failures:
-        hint = f"\nhint: {check.hint}" if check.hint else ""
-        raise AssertionError(f"{check.name}\n" + "\n".join(failures) + hint)

@@ -39,7 +39,8 @@ def load_implementation(path=None):
     if path in REFERENCE_NAMES:
         files = [f for f in _python_files(PACKAGE) if _has_exercises(f)]
         names = {f: "minirlhf." + ".".join(f.relative_to(PACKAGE).with_suffix("").parts) for f in files}
-        bugs = {f: f"minirlhf.homework.{FIND_THE_BUG}.{f.stem}" for f in sorted((PACKAGE / "homework" / FIND_THE_BUG).glob("[!_]*.py"))}
+        fixed = sorted((PACKAGE / "homework" / FIND_THE_BUG).glob("[!_]*.py"))
+        bugs = {f: f"minirlhf.homework.{FIND_THE_BUG}.{f.stem}" for f in fixed}
         return Implementation("minirlhf (reference)", names, import_by_name=True, fallback="minirlhf",
                               find_the_bug=Implementation("minirlhf (reference)", bugs, import_by_name=True))
     root = Path(path).resolve()

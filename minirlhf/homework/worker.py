@@ -62,7 +62,9 @@ def main(workdir):
     try:
         namespace = Submission(_load(submission / exercise.file), exercise)
     except ExerciseTimeout as err:
-        transfer.save(results / "import", {"status": "timeout", "error": describe(err)})
+        error = describe(err)
+        error["message"] = f"{exercise.file} failed to import: {error['message']} at import time"
+        transfer.save(results / "import", {"status": "timeout", "error": error})
         return
     except BaseException as err:  # noqa: BLE001 - whatever the file does at import is its failure
         error = describe(err, origin)

@@ -4,7 +4,7 @@ step: the same seeded sampler gives the same groups, so everything after it must
 import torch
 
 from minirlhf.homework.check import Check
-from minirlhf.homework.checks.tiny_model import (EOS, PAD, TinyTokenizer, frozen, parameter_gradients, sgd, tiny_model,
+from minirlhf.homework.checks.tiny_model import (PAD, TinyTokenizer, frozen, parameter_gradients, sgd, tiny_model,
                                                  tiny_weights, weights_of)
 
 GROUP_SIZE, MAX_NEW_TOKENS, LR = 4, 6, 2.0
