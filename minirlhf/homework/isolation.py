@@ -15,6 +15,7 @@ Isolation levels, best first (``grade --sandbox auto`` takes the first that work
 Limits at every level: RLIMIT_CPU (the exercise's budget plus an allowance for starting Python and
 torch), RLIMIT_FSIZE, no core files, a new session (process group), and a wall-clock watchdog.
 """
+import json
 import os
 import resource
 import shutil
@@ -32,7 +33,7 @@ DESCRIPTIONS = {
     "none": "NO SANDBOX (neither bwrap nor unshare works here): the submission runs with your rights; "
             "time limits, a fresh process per exercise and a check of the grader's files still apply",
 }
-STARTUP_CPU = 60.0  # CPU seconds for starting Python, torch (and transformers) before the budget starts
+STARTUP_CPU = 30.0  # CPU seconds for starting Python, torch (and transformers) before the budget starts
 WALL_ALLOWANCE = 60.0  # wall seconds on top of 3x the budget before the watchdog kills a process
 MAX_FILE_BYTES = 512 * 2**20
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from minirlhf.homework.worker import main; main(sys.argv[1])"
@@ -106,16 +107,13 @@ def run(argv, workdir, cpu_seconds, log_path):
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(Path(workdir) / "results"),
         "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", marker: "1",
     }
-    limit = int(cpu_seconds + STARTUP_CPU) + 1
-
-    def limits():
-        resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
+    limits = {"cpu": int(cpu_seconds + STARTUP_CPU) + 1, "fsize": MAX_FILE_BYTES, "core": 0}
+    if shutil.which("prlimit"):  # set in the child before exec (preexec_fn is unsafe with --jobs threads)
+        argv = ["prlimit", *(f"--{name}={value}" for name, value in limits.items()), "--", *argv]
+    env["MINIRLHF_WORKER_LIMITS"] = json.dumps(limits)  # the worker also sets them on itself, first thing
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, preexec_fn=limits)
+                                   start_new_session=True)
     deadline = time.monotonic() + WALL_ALLOWANCE + 3 * cpu_seconds
     stopped, status, usage = None, None, None
     while status is None:
@@ -131,6 +129,15 @@ def run(argv, workdir, cpu_seconds, log_path):
     _kill_group(process.pid)
     _kill_marked(marker)
     return process.returncode, usage.ru_utime + usage.ru_stime, stopped
+
+
+def apply_limits(limits):
+    """In the worker, before anything else: the limits ``run`` asked for (when prlimit is missing)."""
+    names = {"cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
+    for name, value in limits.items():
+        soft, hard = resource.getrlimit(names[name])
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(names[name], (value, value))
 
 
 def exit_reason(returncode):

@@ -28,6 +28,10 @@ from pathlib import Path
 
 def main(workdir):
     workdir = Path(workdir)
+    if os.environ.get("MINIRLHF_WORKER_LIMITS"):
+        from minirlhf.homework.isolation import apply_limits
+
+        apply_limits(json.loads(os.environ["MINIRLHF_WORKER_LIMITS"]))
     faulthandler.enable()  # a segfault leaves its traceback in the log the grader shows
     import torch
 
