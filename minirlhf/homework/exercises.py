@@ -70,7 +70,8 @@ EXERCISES = (
     Exercise("dpo", 4, 8, "core/dpo_losses.py", "minirlhf.core.dpo_losses", ("dpo_loss",),
              ("start from h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)).",
               "every branch is a function of z = βh − offset (IPO: of h); use F.logsigmoid; rewards are detached.",
-              "sigmoid −logσ(z); cdpo −(1−ε)logσ(z) − ε logσ(−z); robust [−(1−ε)logσ(z) + ε logσ(−z)]/(1−2ε); "
+              "sigmoid −logσ(z); cdpo −(1−ε)logσ(z) − ε logσ(−z); "
+              "robust [−(1−ε)logσ(z) + ε logσ(−z)]/(1−2ε); "
               "ipo (h − 1/(2β))²; hinge relu(1 − z); rewards β·(log π − log π_ref).detach()."),),
     Exercise("simpo", 4, 4, "core/dpo_losses.py", "minirlhf.core.dpo_losses", ("simpo_loss",),
              ("SimPO has no reference model; its inputs are already length-averaged.",

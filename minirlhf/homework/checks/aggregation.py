@@ -50,14 +50,16 @@ def empty(f, x):
     grads = gradients({"loss": loss}, {"loss": 1.0}, inputs)
     with_empty = aggregate(f, x, mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]))
     without = aggregate(f, x, losses=x["losses"][[0, 2]], mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
-    return {"all-masked batch": loss, "its gradient is 0": grads["∂L/∂losses"] is None or bool((grads["∂L/∂losses"] == 0).all()),
+    grad = grads["∂L/∂losses"]
+    return {"all-masked batch": loss, "its gradient is 0": grad is None or bool((grad == 0).all()),
             "with an empty row": with_empty, "without it": without}
 
 
 CHECKS = [
     *[Check(f"{name} by hand: rows of 4 tokens (all 1) and 1 token (4)", lambda name=name: {
         "losses": LOSSES, "mask": LOSS_MASK, "aggregation": name},
-        lambda f, x: {"loss": aggregate(f, x)}, lambda x, got: {"loss": torch.tensor(BY_HAND[x["aggregation"]], dtype=torch.float64)})
+        lambda f, x: {"loss": aggregate(f, x)},
+        lambda x, got: {"loss": torch.tensor(BY_HAND[x["aggregation"]], dtype=torch.float64)})
       for name in AGGREGATIONS],
     Check("fixed_length with max_len = 16 divides by B · 16",
           lambda: {"losses": LOSSES, "mask": LOSS_MASK, "aggregation": "fixed_length", "max_len": 16},

@@ -147,7 +147,8 @@ CHECKS = [
           hint="the implicit rewards are for logging: β·(log π − log π_ref).detach()"),
     *[Check(f"loss_type={loss_type!r}: rows permuted, the losses permuted the same way",
             lambda loss_type=loss_type: four_logps(batch=8, seed=3, beta=0.2, loss_type=loss_type, order=permutation(8, 0)),
-            lambda f, x: {"in order": dpo(f, x)["losses"], "permuted": dpo(f, x, logps=[x[k][x["order"]] for k in LOGPS])["losses"]},
+            lambda f, x: {"in order": dpo(f, x)["losses"],
+                          "permuted": dpo(f, x, logps=[x[k][x["order"]] for k in LOGPS])["losses"]},
             lambda x, got: {"permuted": got["in order"][x["order"]]})
       for loss_type in ("sigmoid", "ipo")],
     *[Check(f"IPO's optimum for one pair, β = {beta}: h* = 1/(2β), where the loss is 0", lambda beta=beta: {"beta": beta},

@@ -77,7 +77,8 @@ def expect_one_step(x, got):
     loss.backward()
     margin = (chosen_rewards - rejected_rewards).detach()
     return {"loss": loss.detach(), "metrics['accuracy']": ((margin > 0).double() + 0.5 * (margin == 0).double()).mean(),
-            "metrics['chosen_reward']": chosen_rewards.detach().mean(), "metrics['rejected_reward']": rejected_rewards.detach().mean(),
+            "metrics['chosen_reward']": chosen_rewards.detach().mean(),
+            "metrics['rejected_reward']": rejected_rewards.detach().mean(),
             "metrics['margin']": margin.mean(), "metrics['logps_chosen']": chosen.detach().mean(),
             "metrics['logps_rejected']": rejected.detach().mean(), "parameter gradients": parameter_gradients(policy)}
 

@@ -27,6 +27,7 @@ CHECKS = [
           hint="the mean of (ρ − 1) under π is 0 only for one of the two ratios"),
     Check("per token: (ρ − 1) − log ρ with ρ = π_ref/π", lambda: {"pi": PI, "ref": REF}, k3, exact),
     Check("a second pair of distributions, π close to uniform: per token, and E_π[k3] = KL",
-          lambda: {"pi": torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64), "ref": torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)},
+          lambda: {"pi": torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64),
+                   "ref": torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)},
           k3, lambda x, got: exact(x, got) | {"E_π[k3]": (x["pi"] * (x["pi"] / x["ref"]).log()).sum()}),
 ]

@@ -10,6 +10,7 @@ REWARDS = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0], dtype=torch.float64)  # t
 CENTERED = torch.tensor([-1.0, 0.0, 1.0, -2.0, -2.0, 4.0], dtype=torch.float64)
 STD = torch.tensor([1.0] * 3 + [math.sqrt(12.0)] * 3, dtype=torch.float64)  # unbiased group std
 AGGREGATIONS = ("sequence_mean", "token_mean", "fixed_length")
+ZERO = torch.tensor(0.0, dtype=torch.float64)
 
 
 def advantages(f, x, **override):
@@ -113,12 +114,14 @@ CHECKS = [
     Check("group_advantages: groups reordered and samples shuffled inside them: the advantages follow",
           lambda: {"rewards": random(20, seed=0), "group_size": 5,
                    "order": (permutation(4, 1)[:, None] * 5 + permutation(5, 2)[None, :]).flatten()},
-          lambda f, x: {"in order": advantages(f, x)["advantages"], "reordered": advantages(f, x, rewards=x["rewards"][x["order"]])["advantages"]},
+          lambda f, x: {"in order": advantages(f, x)["advantages"],
+                        "reordered": advantages(f, x, rewards=x["rewards"][x["order"]])["advantages"]},
           lambda x, got: {"reordered": got["in order"][x["order"]]}),
     Check("group_advantages: the batch split at a group boundary, the same advantages",
           lambda: {"rewards": random(20, seed=3), "group_size": 5},
           lambda f, x: {"whole": advantages(f, x)["advantages"], "two halves": torch.cat(
-              [advantages(f, x, rewards=x["rewards"][:10])["advantages"], advantages(f, x, rewards=x["rewards"][10:])["advantages"]])},
+              [advantages(f, x, rewards=x["rewards"][:10])["advantages"],
+               advantages(f, x, rewards=x["rewards"][10:])["advantages"]])},
           lambda x, got: {"two halves": got["whole"]}),
     Check("group_advantages: 7 rewards in groups of 3 is a ValueError ('divisible')",
           lambda: {"rewards": random(7, seed=1), "group_size": 3}, advantages, raises=("ValueError", "divisible")),
@@ -155,5 +158,5 @@ CHECKS = [
     Check("grpo_loss: an empty row is skipped (sequence_mean); an all-empty batch gives 0, never NaN",
           lambda: grpo_batch(5), empty_rows,
           lambda x, got: {"row 0 empty": got["row 0 removed"],
-                          "all rows empty": dict.fromkeys(("loss", "clip_fraction", "kl"), torch.tensor(0.0, dtype=torch.float64))}),
+                          "all rows empty": dict.fromkeys(("loss", "clip_fraction", "kl"), ZERO)}),
 ]

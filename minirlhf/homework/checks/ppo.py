@@ -36,7 +36,8 @@ def surrogate_case(advantage, ratio, clipped):
                 "∂L/∂log π": torch.tensor([0.0 if clipped else -ratio * advantage], dtype=torch.float64)}
 
     side = "above 1+ε" if ratio > 1 + EPS else "below 1−ε" if ratio < 1 - EPS else "inside [1−ε, 1+ε]"
-    return Check(f"clipped_surrogate, A = {advantage:+g}, ρ = {ratio} ({side}): {'clipped, gradient 0' if clipped else 'ρA, gradient −ρA'}",
+    outcome = "clipped, gradient 0" if clipped else "ρA, gradient −ρA"
+    return Check(f"clipped_surrogate, A = {advantage:+g}, ρ = {ratio} ({side}): {outcome}",
                  lambda: {"old": torch.tensor([-1.3], dtype=torch.float64),
                           "advantages": torch.tensor([advantage], dtype=torch.float64)}, run, expect,
                  hint="−min(ρA, clip(ρ)A): the clipped branch is active where it is strictly smaller")
@@ -159,7 +160,8 @@ CHECKS = [
           lambda x, got: {"permuted": got["in order"]}),
     Check("ppo_policy_loss: NaN advantages in the padding never reach the loss", lambda: policy_batch(12),
           lambda f, x: {"clean": policy(f, x)["loss"],
-                        "NaN in the padding": policy(f, x, advantages=torch.where(x["mask"], x["advantages"], float("nan")))["loss"]},
+                        "NaN in the padding": policy(
+                            f, x, advantages=torch.where(x["mask"], x["advantages"], float("nan")))["loss"]},
           lambda x, got: {"NaN in the padding": got["clean"]}, hint="select with torch.where: 0 · NaN is NaN"),
     Check("ppo_policy_loss: an all-masked batch gives 0 for all three (never NaN)", lambda: policy_batch(13),
           lambda f, x: policy(f, x, mask=torch.zeros_like(x["mask"])),
@@ -174,5 +176,5 @@ CHECKS = [
           lambda x, got: {"left": got["right"]}),
     Check("ppo_value_loss: an all-masked batch gives 0 loss and 0 clip fraction", lambda: value_batch(4),
           lambda f, x: value(f, x, mask=torch.zeros_like(x["mask"])),
-          lambda x, got: {"loss": torch.tensor(0.0, dtype=torch.float64), "clip_fraction": torch.tensor(0.0, dtype=torch.float64)}),
+          lambda x, got: dict.fromkeys(("loss", "clip_fraction"), torch.tensor(0.0, dtype=torch.float64))),
 ]
