@@ -174,7 +174,7 @@ def _read_results(workdir, first, count):
     results, got = workdir / "results", {}
     if transfer.exists(results / "import"):
         try:
-            record = transfer.load(results / "import")
+            record = _sanitized(transfer.load(results / "import"))
         except ValueError as err:
             record = {"status": "error", "error": {"type": "Error", "message": f"unreadable result: {err}"}}
         return got, record
@@ -182,12 +182,31 @@ def _read_results(workdir, first, count):
         if not transfer.exists(results / str(k)):
             break
         try:
-            got[k] = transfer.load(results / str(k))
+            got[k] = _sanitized(transfer.load(results / str(k)))
         except ValueError as err:
             got[k] = {"status": "error", "error": {"type": "Error", "message": f"unreadable result: {err}"}}
-        if not isinstance(got[k], dict) or got[k].get("status") not in ("ok", "error", "timeout"):
-            got[k] = {"status": "error", "error": {"type": "Error", "message": "malformed result"}}
     return got, None
+
+
+def _sanitized(record):
+    """A worker's record as the judge reads it: the expected keys and types, or "malformed"."""
+    malformed = {"status": "error", "error": {"type": "Error", "message": "malformed result"}}
+    if not isinstance(record, dict) or record.get("status") not in ("ok", "error", "timeout"):
+        return malformed
+    error = record.get("error")
+    if record["status"] != "ok":
+        if not isinstance(error, dict):
+            return malformed
+        types = error.get("types") if isinstance(error.get("types"), list) else []
+        record["error"] = {"type": str(error.get("type", "Error"))[:100],
+                           "message": str(error.get("message", ""))[:2000],
+                           "where": str(error["where"])[:200] if error.get("where") else None,
+                           "types": [str(t)[:100] for t in types[:50]]}
+    elif not isinstance(record.get("outputs"), dict):
+        return malformed
+    cpu = record.get("cpu_seconds")
+    record["cpu_seconds"] = max(0.0, float(cpu)) if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else 0.0
+    return record
 
 
 def _skipped_reason(records, k):
