@@ -23,9 +23,20 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    from minirlhf.homework.exercises import EXERCISES
+
     config.addinivalue_line(
         "markers", "exercise(name): this test grades the homework exercise `name` through the `impl` fixture"
     )
+    for exercise in EXERCISES:  # `-m exercise_gae` selects one exercise
+        config.addinivalue_line("markers", f"exercise_{exercise.name}: the checks of the exercise {exercise.name}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("exercise")
+        if marker and marker.args:
+            item.add_marker(f"exercise_{marker.args[0]}")
 
 
 @pytest.fixture(scope="session")

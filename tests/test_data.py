@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from exercise_checks import exercise_tests
 from fixtures import write_json, write_jsonl
 
 from minirlhf.data.chat import (
@@ -80,25 +81,7 @@ def test_template_converts_its_format(name, record, expected):
     assert get_template(name)(record) == expected
 
 
-@pytest.mark.exercise("homework_template")
-def test_homework_template_converts_both_labels(impl):
-    record = {"instruction": "Say hi", "output_a": "Hi!", "output_b": "No.", "preferred": "a"}
-    # Compare fields: a submission's templates.py defines its own PreferenceExample class.
-    converted = impl.homework_template(record)
-    assert (converted.prompt, converted.chosen, converted.rejected) == ("Say hi", "Hi!", "No.")
-    converted = impl.homework_template(dict(record, preferred="b"))
-    assert (converted.prompt, converted.chosen, converted.rejected) == ("Say hi", "No.", "Hi!")
-
-
-@pytest.mark.exercise("homework_template")
-def test_homework_template_rejects_bad_labels_and_missing_fields(impl):
-    record = {"instruction": "Say hi", "output_a": "Hi!", "output_b": "No.", "preferred": "c"}
-    with pytest.raises(DataError, match="preferred"):
-        impl.homework_template(record)
-    del record["output_b"]
-    record["preferred"] = "a"
-    with pytest.raises((DataError, KeyError), match="output_b"):
-        impl.homework_template(record)
+test_exercise_template = exercise_tests("template")
 
 
 def test_homework_template_is_registered():

@@ -1,8 +1,7 @@
-"""DPO-family losses: gradient checks against the analytic gradient, exact optima, identities
-between variants, invariances and edge cases.
-
-Tests marked ``@pytest.mark.exercise`` grade a homework function through the ``impl`` fixture
-(dpo_loss: the "sigmoid" and "ipo" paths; simpo_loss). The other variants are reference code.
+"""DPO-family losses. ``dpo_loss`` (all five loss types) and ``simpo_loss`` are exercises: their
+checks (minirlhf/homework/checks/dpo.py, simpo.py: analytic gradients, exact optima, identities
+between variants, invariances, edge cases) run on the reference, or on a student's folder with
+``--impl``. The rest (argument checks, DPOP, R-DPO, ORPO, KTO, log1mexp) is reference code.
 """
 import math
 
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
+from exercise_checks import exercise_tests
 from minirlhf.core.dpo_losses import (
     DPO_LOSS_TYPES,
     dpo_loss,
@@ -20,11 +20,8 @@ from minirlhf.core.dpo_losses import (
     orpo_loss,
     rdpo_length_margin,
 )
-from minirlhf.core.reward_losses import bradley_terry_loss
-
-EXERCISE_TYPES = ("sigmoid", "ipo")
-REFERENCE_TYPES = ("cdpo", "robust", "hinge")
-SMOOTHING = {"cdpo": 0.2, "robust": 0.2}
+test_exercise_dpo = exercise_tests("dpo")
+test_exercise_simpo = exercise_tests("simpo")
 
 
 def randn(*shape, seed=0, scale=3.0, shift=0.0):
@@ -37,212 +34,7 @@ def four_logps(B=6, seed=0):
     return tuple(randn(B, seed=seed + i, shift=-20.0) for i in range(4))
 
 
-def minimise(loss_fn, params, steps=200):
-    """LBFGS: exact on these one- or two-parameter smooth convex problems."""
-    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=steps, tolerance_grad=1e-12,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-
-
-def analytic_dloss_dh(h, beta, loss_type, eps=0.0):
-    """∂L/∂h for each loss type, with z = βh. The chain rule then gives ∂L/∂log π(y_w) = ∂L/∂h,
-    ∂L/∂log π(y_l) = −∂L/∂h, and the reference log-probs the opposite signs."""
-    z = beta * h
-    if loss_type == "sigmoid":  # −log σ(z)
-        return -beta * torch.sigmoid(-z)
-    if loss_type == "cdpo":  # −(1−ε) log σ(z) − ε log σ(−z)
-        return beta * (-(1 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z))
-    if loss_type == "robust":  # [−(1−ε) log σ(z) + ε log σ(−z)] / (1 − 2ε)
-        return beta * (-(1 - eps) * torch.sigmoid(-z) - eps * torch.sigmoid(z)) / (1 - 2 * eps)
-    if loss_type == "ipo":  # (h − 1/(2β))²
-        return 2 * (h - 1 / (2 * beta))
-    if loss_type == "hinge":  # max(0, 1 − z)
-        return -beta * (z < 1).to(h.dtype)
-    raise AssertionError(loss_type)
-
-
-# --------------------------------------------------------------------------- dpo_loss: gradients
-
-
-def check_dpo_gradients(loss_fn, loss_type):
-    logps = four_logps(seed=1)
-    eps = SMOOTHING.get(loss_type, 0.0)
-    beta = 0.5
-    assert gradcheck(lambda *x: loss_fn(*x, beta=beta, loss_type=loss_type, label_smoothing=eps)[0], logps)
-
-    losses, _, _ = loss_fn(*logps, beta=beta, loss_type=loss_type, label_smoothing=eps)
-    losses.sum().backward()  # per-example losses: each example's gradient lands on its own inputs
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
-    with torch.no_grad():
-        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-        dh = analytic_dloss_dh(h, beta, loss_type, eps)
-    torch.testing.assert_close(policy_chosen.grad, dh)
-    torch.testing.assert_close(policy_rejected.grad, -dh)
-    torch.testing.assert_close(ref_chosen.grad, -dh)
-    torch.testing.assert_close(ref_rejected.grad, dh)
-
-
-@pytest.mark.exercise("dpo_loss")
-@pytest.mark.parametrize("loss_type", EXERCISE_TYPES)
-def test_dpo_gradients_exercise(impl, loss_type):
-    check_dpo_gradients(impl.dpo_loss, loss_type)
-
-
-@pytest.mark.parametrize("loss_type", REFERENCE_TYPES)
-def test_dpo_gradients_variants(loss_type):
-    check_dpo_gradients(dpo_loss, loss_type)
-
-
-@pytest.mark.exercise("dpo_loss")
-def test_dpo_is_bradley_terry_on_implicit_rewards(impl):
-    logps = four_logps(seed=2)
-    losses, chosen_rewards, rejected_rewards = impl.dpo_loss(*logps, beta=0.1)
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected = (x.detach() for x in logps)
-    torch.testing.assert_close(chosen_rewards, 0.1 * (policy_chosen - ref_chosen))
-    torch.testing.assert_close(rejected_rewards, 0.1 * (policy_rejected - ref_rejected))
-    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad  # logging only
-    bt_loss, _ = bradley_terry_loss(chosen_rewards, rejected_rewards)
-    torch.testing.assert_close(losses.mean(), bt_loss)
-
-
-@pytest.mark.exercise("dpo_loss")
-@pytest.mark.parametrize("loss_type", EXERCISE_TYPES)
-def test_dpo_batch_order_invariance(impl, loss_type):
-    logps = [x.detach() for x in four_logps(B=8, seed=3)]
-    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
-    losses = impl.dpo_loss(*logps, beta=0.2, loss_type=loss_type)[0]
-    permuted = impl.dpo_loss(*(x[perm] for x in logps), beta=0.2, loss_type=loss_type)[0]
-    torch.testing.assert_close(permuted, losses[perm])
-
-
-# --------------------------------------------------------------------------- dpo_loss: exact optima
-
-
-@pytest.mark.exercise("dpo_loss")
-@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
-def test_ipo_optimum_is_one_over_two_beta(impl, beta):
-    # IPO regresses h onto 1/(2β): for one pair the loss is a parabola with its minimum there.
-    policy_chosen = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
-    policy_rejected, ref_chosen, ref_rejected = (torch.tensor([v], dtype=torch.float64) for v in (-2.0, -2.5, -1.0))
-
-    def loss_fn():
-        logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        return impl.dpo_loss(*logps, beta=beta, loss_type="ipo")[0].sum()
-
-    minimise(loss_fn, [policy_chosen])
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    assert h.item() == pytest.approx(1 / (2 * beta), abs=1e-6)
-    assert loss_fn().item() == pytest.approx(0.0, abs=1e-10)
-
-
-def expected_dpo_loss(loss_fn, h, p, beta, **kwargs):
-    """Expected loss for one pair whose label says "a ≻ b" with probability p (BT-sampled labels):
-    with probability 1 − p the same pair arrives swapped, i.e. with h → −h."""
-    zero = torch.zeros_like(h)
-    forward = loss_fn(h, zero, zero, zero, beta=beta, **kwargs)[0]
-    swapped = loss_fn(zero, h, zero, zero, beta=beta, **kwargs)[0]
-    return (p * forward + (1 - p) * swapped).sum()
-
-
-@pytest.mark.exercise("dpo_loss")
-@pytest.mark.parametrize("p", [0.6, 0.9])
-def test_dpo_optimum_recovers_label_rate(impl, p):
-    # The tabular DPO optimum is the BT MLE: σ(βh*) = p, i.e. h* = logit(p)/β.
-    beta = 0.5
-    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    minimise(lambda: expected_dpo_loss(impl.dpo_loss, h, p, beta), [h])
-    assert torch.sigmoid(beta * h).item() == pytest.approx(p, abs=1e-6)
-
-
-@pytest.mark.parametrize("p", [0.6, 1.0])
-def test_cdpo_optimum_is_shrunk_by_label_smoothing(p):
-    # With labels at rate p and assumed flip rate ε, the expected cDPO loss is a cross-entropy
-    # against the target p(1−ε) + (1−p)ε, which is what σ(βh*) converges to. p = 1 (clean labels)
-    # gives σ(βh*) = 1 − ε: a finite optimum where plain DPO would push h to infinity.
-    beta, eps = 0.5, 0.1
-    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    minimise(lambda: expected_dpo_loss(dpo_loss, h, p, beta, loss_type="cdpo", label_smoothing=eps), [h])
-    assert torch.sigmoid(beta * h).item() == pytest.approx(p * (1 - eps) + (1 - p) * eps, abs=1e-6)
-
-
-def test_cdpo_is_dpo_averaged_over_flipped_labels():
-    logps = [x.detach() for x in four_logps(seed=4)]
-    eps = 0.3
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
-    as_labelled = dpo_loss(*logps, beta=0.2)[0]
-    flipped = dpo_loss(policy_rejected, policy_chosen, ref_rejected, ref_chosen, beta=0.2)[0]
-    cdpo = dpo_loss(*logps, beta=0.2, loss_type="cdpo", label_smoothing=eps)[0]
-    torch.testing.assert_close(cdpo, (1 - eps) * as_labelled + eps * flipped)
-
-
-def test_robust_is_unbiased_under_label_noise():
-    # Chowdhury et al.: if each label is flipped with probability ε, the expected robust loss on
-    # the noisy labels equals the plain DPO loss on the clean ones.
-    logps = [x.detach() for x in four_logps(seed=5)]
-    eps = 0.3
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected = logps
-    kept = dpo_loss(*logps, beta=0.2, loss_type="robust", label_smoothing=eps)[0]
-    flipped = dpo_loss(policy_rejected, policy_chosen, ref_rejected, ref_chosen, beta=0.2,
-                       loss_type="robust", label_smoothing=eps)[0]
-    torch.testing.assert_close((1 - eps) * kept + eps * flipped, dpo_loss(*logps, beta=0.2)[0])
-
-
-@pytest.mark.parametrize("loss_type", ["cdpo", "robust"])
-def test_zero_label_smoothing_is_plain_dpo(loss_type):
-    logps = [x.detach() for x in four_logps(seed=6)]
-    torch.testing.assert_close(
-        dpo_loss(*logps, beta=0.3, loss_type=loss_type, label_smoothing=0.0)[0], dpo_loss(*logps, beta=0.3)[0]
-    )
-
-
-def test_hinge_by_hand():
-    # SLiC: max(0, 1 − βh); with β = 0.5, h = (0, 1, 2, 4) gives 1, 0.5, 0, 0.
-    h = torch.tensor([0.0, 1.0, 2.0, 4.0])
-    zero = torch.zeros(4)
-    losses = dpo_loss(h, zero, zero, zero, beta=0.5, loss_type="hinge")[0]
-    torch.testing.assert_close(losses, torch.tensor([1.0, 0.5, 0.0, 0.0]))
-
-
-# --------------------------------------------------------------------------- dpo_loss: edges, errors
-
-
-@pytest.mark.exercise("dpo_loss")
-def test_dpo_sigmoid_beta_zero_and_extremes(impl):
-    logps = four_logps(seed=7)
-    losses = impl.dpo_loss(*logps, beta=0.0)[0]
-    losses.sum().backward()
-    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))  # no preference learnt yet
-    assert all((x.grad == 0).all() for x in logps)
-
-    # |βh| huge, and a rejected response impossible under π (log π = −inf, so h = +inf).
-    policy_chosen = torch.tensor([-1.0, -1e6, -1.0], requires_grad=True)
-    policy_rejected = torch.tensor([-1e6, -1.0, float("-inf")], requires_grad=True)
-    ref = torch.tensor([-5.0, -5.0, -5.0])
-    losses = impl.dpo_loss(policy_chosen, policy_rejected, ref, ref, beta=0.1)[0]
-    losses.sum().backward()
-    torch.testing.assert_close(losses, torch.tensor([0.0, 0.1 * (1e6 - 1), 0.0]))
-    assert torch.isfinite(policy_chosen.grad).all() and torch.isfinite(policy_rejected.grad).all()
-
-
-@pytest.mark.parametrize("loss_type", ["cdpo", "robust", "hinge"])
-def test_dpo_variants_beta_zero_and_extremes(loss_type):
-    eps = SMOOTHING.get(loss_type, 0.0)
-    policy_chosen = torch.tensor([-1.0, -1e6, -3.0], requires_grad=True)
-    policy_rejected = torch.tensor([-1e6, -1.0, -2.0], requires_grad=True)
-    ref = torch.tensor([-5.0, -5.0, -5.0])
-    for beta in (0.0, 0.1):
-        losses = dpo_loss(policy_chosen, policy_rejected, ref, ref, beta=beta,
-                          loss_type=loss_type, label_smoothing=eps)[0]
-        losses.sum().backward()
-        assert torch.isfinite(losses).all()
-        assert torch.isfinite(policy_chosen.grad).all() and torch.isfinite(policy_rejected.grad).all()
+# --------------------------------------------------------------------------- dpo_loss: argument checks
 
 
 def test_dpo_rejects_bad_arguments():
@@ -257,7 +49,7 @@ def test_dpo_rejects_bad_arguments():
         dpo_loss(*logps, beta=0.0, loss_type="ipo")
     with pytest.raises(ValueError, match="one shape"):
         dpo_loss(logps[0], logps[1][:2], logps[2], logps[3])  # would broadcast to [3, 2] otherwise
-    assert set(DPO_LOSS_TYPES) == set(EXERCISE_TYPES) | set(REFERENCE_TYPES)
+    assert set(DPO_LOSS_TYPES) == {"sigmoid", "cdpo", "robust", "ipo", "hinge"}
 
 
 # --------------------------------------------------------------------------- DPOP and R-DPO
@@ -312,50 +104,6 @@ def test_dpop_and_rdpo_gradcheck():
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.2, logit_offset=offset)[0]
 
     assert gradcheck(loss, logps)
-
-
-# --------------------------------------------------------------------------- SimPO
-
-
-@pytest.mark.exercise("simpo_loss")
-def test_simpo_by_hand_and_analytic_gradient(impl):
-    # L = −log σ(β·a_w − β·a_l − γ);  ∂L/∂a_w = −β σ(−z),  ∂L/∂a_l = +β σ(−z)
-    beta, gamma = 2.0, 0.3
-    chosen, rejected = randn(5, seed=10, scale=0.5, shift=-1.0), randn(5, seed=11, scale=0.5, shift=-1.0)
-    losses, chosen_rewards, rejected_rewards = impl.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
-    losses.sum().backward()
-    with torch.no_grad():
-        z = beta * chosen - beta * rejected - gamma
-        torch.testing.assert_close(losses, -F.logsigmoid(z))
-        torch.testing.assert_close(chosen.grad, -beta * torch.sigmoid(-z))
-        torch.testing.assert_close(rejected.grad, beta * torch.sigmoid(-z))
-        torch.testing.assert_close(chosen_rewards, beta * chosen)
-        torch.testing.assert_close(rejected_rewards, beta * rejected)
-    assert not chosen_rewards.requires_grad
-    # the paper's check value: β = 2, a_w − a_l = 0.2, γ = 0.3 gives −log σ(0.1)
-    one = impl.simpo_loss(torch.tensor([-0.5]), torch.tensor([-0.7]), beta=2.0, gamma=0.3)[0]
-    assert one.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), rel=1e-5)
-
-
-@pytest.mark.exercise("simpo_loss")
-def test_simpo_gradcheck_and_edges(impl):
-    assert gradcheck(lambda a, b: impl.simpo_loss(a, b, beta=2.5, gamma=1.0)[0],
-                     (randn(4, seed=12, scale=0.5, shift=-1.0), randn(4, seed=13, scale=0.5, shift=-1.0)))
-    chosen = torch.tensor([-1e6, -0.1, float("-inf")], requires_grad=True)
-    rejected = torch.tensor([-0.1, -1e6, -0.1], requires_grad=True)
-    losses = impl.simpo_loss(chosen, rejected, beta=0.0, gamma=0.5)[0]
-    assert torch.isfinite(losses[:2]).all()  # β = 0: only the margin is left
-    losses = impl.simpo_loss(chosen, rejected)[0]
-    losses.sum().backward()
-    assert not torch.isnan(losses).any() and torch.isfinite(chosen.grad).all()
-
-
-@pytest.mark.exercise("simpo_loss")
-def test_simpo_is_reference_free_dpo_with_a_margin(impl):
-    chosen, rejected = (randn(6, seed=s, scale=0.5, shift=-1.0).detach() for s in (14, 15))
-    zero = torch.zeros(6, dtype=torch.float64)
-    simpo = impl.simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)[0]
-    torch.testing.assert_close(simpo, dpo_loss(chosen, rejected, zero, zero, beta=2.0, logit_offset=0.5)[0])
 
 
 # --------------------------------------------------------------------------- ORPO

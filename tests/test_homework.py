@@ -1,120 +1,33 @@
-"""The homework machinery: the generator stays in sync, the grader grades, find-the-bug has bugs.
+"""The homework machinery, in-process: generator, handout, registry, check specs, loader, delegation
+blocking, transfer and comparison; the find-the-bug and integration exercises' checks.
 
-Three kinds of test live here:
-- the find-the-bug exercises' property checks (marked, so they grade ``--impl PATH``);
-- the generator (``minirlhf/homework/build.py``) and the loader (``impl.py``), in-process;
-- the grader end to end, in one class of three submissions graded at once: ``solutions/`` gets
-  full marks, untouched ``exercises/`` gets zero, and a submission with planted faults (a wrong
-  value, a wrong shape, a syntax error, a crash, an endless loop in a function and at import time)
-  loses exactly those exercises' points. It starts the grader's worker subprocesses (~10 s each),
-  so it is the only test that does.
+The grader end to end (worker processes, sandbox, cheating and careless submissions) is in
+``tests/test_grading.py``.
 """
-import csv
+import importlib
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from minirlhf.homework import build, grade
+from exercise_checks import exercise_tests
+from minirlhf.homework import build, transfer
 from minirlhf.homework.build import MarkerError, marked_regions, render
+from minirlhf.homework.compare import compare
+from minirlhf.homework.delegation import DelegationError, blocked_source
+from minirlhf.homework.compare import run_in_process
+from minirlhf.homework.exercises import BY_NAME, EXERCISES, exercise_of
 from minirlhf.homework.impl import load_implementation
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _fmt(t):
-    return [round(v, 4) for v in t.double().flatten().tolist()]
-
-
-# ----------------------------------------------------------------------------- find the bug
-# Each check is a property the correct function has and the shipped buggy one lacks.
-
-
-def check_response_logprobs(response_logprobs):
-    """log π(y|x) equals a brute-force loop over the positions where response_mask is 1."""
-    g = torch.Generator().manual_seed(0)
-    batch, length, vocab = 3, 7, 11
-    logits = torch.randn(batch, length, vocab, generator=g, dtype=torch.float64)
-    input_ids = torch.randint(vocab, (batch, length), generator=g)
-    response_mask = torch.tensor(
-        [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0]]  # right, left, short
-    )
-    expected = torch.zeros(batch, dtype=torch.float64)
-    for b in range(batch):
-        for pos in range(1, length):
-            if response_mask[b, pos]:  # the logits one step earlier predict this token
-                expected[b] += torch.log_softmax(logits[b, pos - 1], dim=-1)[input_ids[b, pos]]
-    got = response_logprobs(logits, input_ids, response_mask)
-    assert tuple(got.shape) == (batch,), f"expected shape ({batch},), got {tuple(got.shape)}"
-    assert torch.allclose(got.double(), expected, atol=1e-5), (
-        f"log π(y|x) per row: expected {_fmt(expected)}, got {_fmt(got)}"
-    )
-
-
-def check_k3_penalty(k3_penalty):
-    """k3 is ≥ 0, 0 at π = π_ref, and its expectation under π is exactly KL(π ‖ π_ref)."""
-    pi = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
-    ref = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
-    # One "sample" per vocabulary token; weighting by π gives the exact expectation under π.
-    k3 = k3_penalty(pi.log()[None, :], ref.log()[None, :])[0]
-    assert tuple(k3.shape) == (3,), f"expected shape (1, 3) for a [1, 3] input, got {tuple(k3.shape) + (1,)}"
-    assert (k3 >= 0).all(), f"k3 must never be negative, got {_fmt(k3)}"
-    same = k3_penalty(pi.log()[None, :], pi.log()[None, :])
-    assert torch.allclose(same, torch.zeros_like(same)), f"k3 must be 0 when π = π_ref, got {_fmt(same)}"
-    kl = (pi * (pi / ref).log()).sum()
-    mean = (pi * k3).sum()
-    assert torch.isclose(mean, kl, atol=1e-9), (
-        f"E_π[k3] should be KL(π‖π_ref): expected {kl.item():.4f}, got {mean.item():.4f}"
-    )
-
-
-def check_end_scores(end_scores):
-    """The score is read at each row's last attended token, also when pad == eos."""
-    eos = 2
-    input_ids = torch.tensor([[5, 6, 7, eos, eos, eos], [eos, eos, 5, 6, 7, eos], [5, 6, 7, 8, 9, eos]])
-    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    token_scores = torch.arange(18, dtype=torch.float32).view(3, 6)
-    expected = token_scores[torch.arange(3), torch.tensor([3, 5, 5])]
-    for pad in (0, eos):  # a tokenizer with its own pad token, and one with pad == eos
-        ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, pad))
-        got = end_scores(token_scores, ids, attention_mask, pad)
-        assert torch.equal(got, expected), (
-            f"pad_token_id={pad} (eos={eos}): expected the scores at columns [3, 5, 5] = {_fmt(expected)}, "
-            f"got {_fmt(got)}"
-        )
-
-
-FIND_THE_BUG = [
-    ("response_logprobs", check_response_logprobs),
-    ("k3_penalty", check_k3_penalty),
-    ("end_scores", check_end_scores),
-]
-
-
-@pytest.mark.exercise("find_the_bug_shift")
-def test_find_the_bug_shift(impl):
-    check_response_logprobs(impl.find_the_bug.response_logprobs)
-
-
-@pytest.mark.exercise("find_the_bug_kl")
-def test_find_the_bug_kl(impl):
-    check_k3_penalty(impl.find_the_bug.k3_penalty)
-
-
-@pytest.mark.exercise("find_the_bug_end_token")
-def test_find_the_bug_end_token(impl):
-    check_end_scores(impl.find_the_bug.end_scores)
-
-
-@pytest.mark.parametrize("name, check", FIND_THE_BUG, ids=[name for name, _ in FIND_THE_BUG])
-def test_shipped_find_the_bug_fails_its_check_and_the_solution_passes(name, check):
-    buggy = getattr(load_implementation(REPO / "exercises").find_the_bug, name)
-    with pytest.raises(AssertionError):
-        check(buggy)
-    check(getattr(load_implementation(REPO / "solutions").find_the_bug, name))
+test_exercise_find_the_bug_shift = exercise_tests("find_the_bug_shift")
+test_exercise_find_the_bug_end_token = exercise_tests("find_the_bug_end_token")
+test_exercise_find_the_bug_kl = exercise_tests("find_the_bug_kl")
+test_exercise_dpo_step = exercise_tests("dpo_step")
+test_exercise_grpo_step = exercise_tests("grpo_step")
 
 
 # ----------------------------------------------------------------------------- the generator
@@ -189,21 +102,100 @@ def test_bad_markers_are_errors_naming_file_and_line(source, problem):
         marked_regions(source, "m.py")
 
 
-def test_every_exercise_function_is_graded_and_every_graded_test_counts():
+def test_every_exercise_function_has_an_exercise_with_checks_points_and_hints():
     stubs = set()
     for text in build.generate().values():
         stubs |= set(re.findall(r'raise NotImplementedError\("(\w+): see', text))
-    public = {name for name in stubs if not name.startswith("_")}
-    assert public <= set(grade.ROLE_OF), f"exercise functions no grader entry covers: {public - set(grade.ROLE_OF)}"
-    marked = set()
-    for path in (REPO / "tests").glob("test_*.py"):
-        marked |= set(re.findall(r'mark\.exercise\("(\w+)"\)', path.read_text(encoding="utf-8")))
-    assert marked <= set(grade.ROLE_OF), f"tests marked for functions no exercise owns: {marked - set(grade.ROLE_OF)}"
-    untested = [ex.name for ex in grade.EXERCISES if not marked & set(ex.functions)]
-    assert not untested, f"exercises without a single marked test: {untested}"
+    assert all(exercise_of(name) for name in stubs), [name for name in stubs if not exercise_of(name)]
+    assert sum(ex.points for ex in EXERCISES) == 100
+    assert [ex.chapter for ex in EXERCISES] == sorted(ex.chapter for ex in EXERCISES)  # the student path
     readme = (REPO / "exercises" / "README.md").read_text(encoding="utf-8")
-    unlisted = [ex.name for ex in grade.EXERCISES if f"| `{ex.name}` |" not in readme]
-    assert not unlisted, f"exercises missing from the table in exercises/README.md: {unlisted}"
+    for exercise in EXERCISES:
+        checks = exercise.checks()
+        assert len(checks) >= 3 and len({c.name for c in checks}) == len(checks), exercise.name
+        assert len(exercise.hints) == 3, exercise.name
+        assert f"| `{exercise.name}` |" in readme, f"{exercise.name} is missing from exercises/README.md"
+        reference = importlib.import_module(exercise.reference)
+        assert all(callable(getattr(reference, f)) for f in exercise.blocked), exercise.name
+
+
+@pytest.mark.parametrize("name", ["find_the_bug_shift", "find_the_bug_kl", "find_the_bug_end_token"])
+def test_shipped_find_the_bug_fails_every_check(name):
+    exercise = BY_NAME[name]
+    buggy = load_implementation(REPO / "exercises").find_the_bug
+    for check in exercise.checks():
+        with pytest.raises(AssertionError):
+            run_in_process(check, buggy, importlib.import_module(exercise.reference))
+
+
+def test_untouched_exercises_fail_every_check_with_not_implemented():
+    untouched = load_implementation(REPO / "exercises")
+    for exercise in EXERCISES:
+        if exercise.name.startswith("find_the_bug"):
+            continue  # those ship runnable, with a bug
+        for check in exercise.checks():
+            with pytest.raises(AssertionError, match="NotImplementedError" if not check.raises else "expected"):
+                run_in_process(check, untouched, importlib.import_module(exercise.reference))
+
+
+def test_handout_has_the_exercises_and_notebooks_and_no_solutions(tmp_path, capsys):
+    assert build.main(["--handout", str(tmp_path / "handout")]) == 0
+    files = {p.relative_to(tmp_path / "handout").as_posix() for p in (tmp_path / "handout").rglob("*") if p.is_file()}
+    assert {"exercises/README.md", "exercises/QUESTIONS.md", "exercises/core/gae.py", "exercises/homework/steps.py",
+            "exercises/find_the_bug/shift.py", "notebooks/01_lm_as_policy.ipynb"} <= files
+    assert not any(f.startswith("solutions") or f.endswith("ANSWERS.md") for f in files)
+    gae = (tmp_path / "handout" / "exercises" / "core" / "gae.py").read_text()
+    assert "NotImplementedError" in gae and "next_advantage" not in gae  # no solution body
+    for notebook in (tmp_path / "handout" / "notebooks").glob("*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code")
+    with pytest.raises(Exception, match="not empty"):
+        build.write_handout(tmp_path / "handout")
+
+
+def test_blocked_source_keeps_signature_and_docstring_and_raises_delegation_error():
+    source = (REPO / "minirlhf" / "core" / "dpo_losses.py").read_text()
+    blocked = blocked_source(source, ("dpo_loss",), "dpo")
+    namespace = {}
+    exec(compile(blocked, "dpo_losses.py", "exec"), namespace)
+    assert "chosen_logratios" not in blocked and '"""Direct Preference Optimization' in blocked
+    logps = [torch.randn(3) for _ in range(4)]
+    with pytest.raises(DelegationError, match="reference dpo_loss.*'dpo'.*write your own"):
+        namespace["dpo_loss"](*logps)
+    assert namespace["simpo_loss"](logps[0], logps[1])[0].shape == (3,)  # the rest still works
+
+
+def test_transfer_round_trips_plain_data_and_refuses_anything_else(tmp_path):
+    values = {"t": torch.arange(6).view(2, 3), "half": torch.ones(2, dtype=torch.bfloat16), "flag": True,
+              "nested": {"w": torch.zeros(1)}, "none": None, "text": "x", "numbers": [1, 2.5]}
+    transfer.save(tmp_path / "a", values)
+    back = transfer.load(tmp_path / "a")
+    assert torch.equal(back["t"], values["t"]) and back["half"].dtype == torch.bfloat16
+    assert back["flag"] is True and torch.equal(back["nested"]["w"], torch.zeros(1)) and back["numbers"] == [1, 2.5]
+    import pickle  # a pickle where the JSON should be is refused, never unpickled
+
+    (tmp_path / "b.json").write_bytes(pickle.dumps({"x": 1}))
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="malformed"):
+        transfer.load(tmp_path / "b")
+    (tmp_path / "c.json").write_text('{"__reduce__": "os.system"}')
+    (tmp_path / "c.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="malformed"):
+        transfer.load(tmp_path / "c")
+
+
+def test_compare_names_the_output_the_position_and_both_values():
+    expected = torch.zeros(2, 5, dtype=torch.float64)
+    got = expected.clone()
+    got[1, 4] = -0.6932
+    message = compare("advantages", expected, got)
+    assert "advantages: 1 of 10 values differ" in message and "row 1, t = 4" in message
+    assert "expected 0, got −0.6932" in message
+    assert "expected shape [2, 5], got [2, 1]" in compare("advantages", expected, got[:, :1])
+    assert "no gradient reached x" in compare("∂L/∂x", expected, None)
+    assert compare("a", expected, expected + 1e-9) is None  # within the tolerance
+    assert compare("a", torch.tensor([float("inf")]), torch.tensor([float("inf")])) is None
+    assert "differ" in compare("a", torch.tensor([1.0]), torch.tensor([float("nan")]))
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -227,84 +219,3 @@ def test_loader_imports_lazily_and_isolates_a_broken_file(tmp_path):
     assert impl.good() == 1  # still fine after the failures
 
 
-def test_reference_implementation_exposes_every_exercise_function():
-    impl = load_implementation("minirlhf")
-    for ex in grade.EXERCISES:
-        if not ex.name.startswith("find_the_bug"):
-            assert any(hasattr(impl, f) for f in ex.functions), f"{ex.name}: none of {ex.functions} in the reference"
-
-
-# ----------------------------------------------------------------------------- the grader, end to end
-
-
-def test_cli_prints_the_json_schema_and_a_table_with_hints(monkeypatch, capsys, tmp_path):
-    def fake_grade(path, timeout, exercises, verbose):
-        rows = [{"name": ex.name, "passed": ex.name != "gae", "points": 0 if ex.name == "gae" else ex.points,
-                 "max_points": ex.points, "message": "boom" if ex.name == "gae" else "all checks passed"}
-                for ex in exercises]
-        return {"total": sum(r["points"] for r in rows), "max": sum(ex.points for ex in exercises), "exercises": rows}
-
-    monkeypatch.setattr(grade, "grade", fake_grade)
-    assert grade.main([str(tmp_path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert list(result) == ["total", "max", "exercises"]
-    assert all(list(row) == ["name", "passed", "points", "max_points", "message"] for row in result["exercises"])
-    assert grade.main([str(tmp_path)]) == 0
-    table = capsys.readouterr().out
-    assert re.search(r"gae +0 / 10 +FAIL", table) and "boom" in table and "hint: loop t backwards" in table
-    assert re.search(r"total +90 / 100", table)
-
-
-# Planted faults, each in a copy of solutions/: exercise name -> (file, text appended, message).
-PLANTED = {
-    "dpo": ("core/dpo_losses.py",  # a wrong value: every loss scaled
-            "\n_dpo_loss = dpo_loss\n\n\ndef dpo_loss(*args, **kwargs):\n"
-            "    losses, chosen, rejected = _dpo_loss(*args, **kwargs)\n    return 1.5 * losses, chosen, rejected\n",
-            None),
-    "grpo": ("core/grpo.py",  # a wrong shape: [B, 1] instead of [B]
-             "\n_group_advantages = group_advantages\n\n\ndef group_advantages(*args, **kwargs):\n"
-             "    return _group_advantages(*args, **kwargs)[:, None]\n",
-             None),
-    "simpo": ("core/dpo_losses.py",  # the process dies: the grader restarts it for the rest
-              "\n\ndef simpo_loss(*args, **kwargs):\n    import os\n    os._exit(3)\n", "died (exit status 3)"),
-    "gae": ("core/gae.py", "\n\ndef gae_advantages(*args, **kwargs):\n    while True:\n        pass\n", "timed out"),
-    "template": ("data/templates.py", "\n\ndef homework_template(record:\n    return None\n", "SyntaxError"),
-    "rm_end_score": ("models/reward_model.py", "\nwhile True:\n    pass\n", "failed to import: ExerciseTimeout"),
-}
-
-
-def test_grading_a_class_solutions_full_untouched_zero_planted_faults_cost_exactly_their_points(tmp_path):
-    submissions = tmp_path / "submissions"
-    shutil.copytree(REPO / "solutions", submissions / "reference", ignore=shutil.ignore_patterns("*.md"))
-    shutil.copytree(REPO / "exercises", submissions / "untouched", ignore=shutil.ignore_patterns("*.md"))
-    shutil.copytree(REPO / "solutions", submissions / "broken", ignore=shutil.ignore_patterns("*.md"))
-    for file, text, _ in PLANTED.values():
-        with open(submissions / "broken" / file, "a", encoding="utf-8") as f:
-            f.write(text)
-    out = tmp_path / "grades"
-
-    assert grade.main(["--all", str(submissions), "--out", str(out), "--timeout", "4", "--jobs", "3"]) == 0
-
-    reference = json.loads((out / "reference.json").read_text())
-    failed = {row["name"]: row["message"] for row in reference["exercises"] if not row["passed"]}
-    assert not failed, failed
-    assert reference["total"] == reference["max"] == sum(ex.points for ex in grade.EXERCISES) == 100
-
-    untouched = json.loads((out / "untouched.json").read_text())
-    assert untouched["total"] == 0 and not any(row["passed"] for row in untouched["exercises"])
-    for row in untouched["exercises"]:
-        if not row["name"].startswith("find_the_bug"):  # those ship runnable, with a bug
-            assert "NotImplementedError" in row["message"], row
-
-    broken = json.loads((out / "broken.json").read_text())
-    rows = {row["name"]: row for row in broken["exercises"]}
-    assert {name for name, row in rows.items() if not row["passed"]} == set(PLANTED)
-    assert broken["total"] == broken["max"] - sum(rows[name]["max_points"] for name in PLANTED)
-    for name, (_, _, message) in PLANTED.items():
-        assert rows[name]["points"] == 0 and rows[name]["message"]
-        if message:
-            assert message in rows[name]["message"], rows[name]
-
-    with open(out / "grades.csv", newline="") as f:
-        table = {row["submission"]: row for row in csv.DictReader(f)}
-    assert table["broken"]["total"] == str(broken["total"]) and table["untouched"]["total"] == "0"

@@ -1,6 +1,8 @@
 """Log-probs from logits: gradient checks, brute-force references, padding invariance, edge cases.
 
-Peak memory is measured by ``benchmarks/bench_logprobs.py``, not here.
+The ``logprobs`` exercise's checks (minirlhf/homework/checks/logprobs.py) run here on the reference,
+or on a student's folder with ``--impl``; the other tests are reference code. Peak memory is
+measured by ``benchmarks/bench_logprobs.py``, not here.
 """
 import math
 
@@ -9,6 +11,9 @@ import torch
 
 from minirlhf import entropy_from_logits, gather_logprobs, sequence_logprobs, shift_for_next_token
 import minirlhf.core.logprobs as logprobs_module
+from exercise_checks import exercise_tests
+
+test_exercise_logprobs = exercise_tests("logprobs")
 
 
 def brute_force_logprobs(logits, labels):
@@ -31,54 +36,6 @@ def random_labels(batch, length, vocab, seed=1):
 
 
 # --- gather_logprobs -----------------------------------------------------------------------------
-
-
-@pytest.mark.exercise("gather_logprobs")
-def test_gather_logprobs_gradcheck_float64(impl):
-    logits = random_logits(2, 5, 7, dtype=torch.float64).requires_grad_()
-    labels = random_labels(2, 5, 7)
-    assert torch.autograd.gradcheck(lambda z: impl.gather_logprobs(z, labels), (logits,))
-
-
-@pytest.mark.exercise("gather_logprobs")
-@pytest.mark.parametrize("vocab", [1, 3, 1000])
-def test_gather_logprobs_matches_brute_force_fp32(impl, vocab):
-    logits, labels = random_logits(3, 6, vocab), random_labels(3, 6, vocab)
-    logprobs = impl.gather_logprobs(logits, labels)
-    assert logprobs.dtype == torch.float32 and logprobs.shape == (3, 6)
-    torch.testing.assert_close(logprobs.double(), brute_force_logprobs(logits, labels), atol=2e-6, rtol=1e-6)
-
-
-@pytest.mark.exercise("gather_logprobs")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gather_logprobs_half_inputs_are_computed_in_float32(impl, dtype):
-    # Reference: the exact log-softmax of the *same* rounded values. A bf16 log-softmax would be
-    # off by ~0.05 (bf16 keeps 3 significant digits); upcasting per chunk gets float32 accuracy.
-    logits, labels = random_logits(3, 6, 5000, dtype=dtype), random_labels(3, 6, 5000)
-    logprobs = impl.gather_logprobs(logits, labels)
-    assert logprobs.dtype == torch.float32
-    torch.testing.assert_close(logprobs.double(), brute_force_logprobs(logits, labels), atol=1e-5, rtol=1e-6)
-    bf16_naive = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    assert (bf16_naive.double() - brute_force_logprobs(logits, labels)).abs().max() > 1e-3  # the test can fail
-
-
-@pytest.mark.exercise("gather_logprobs")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gather_logprobs_backward_is_onehot_minus_softmax(impl, dtype):
-    logits, labels = random_logits(3, 4, 11, dtype=dtype), random_labels(3, 4, 11)
-    grad_out = random_logits(3, 4, dtype=torch.float32, seed=2)  # any incoming gradient g
-    z = logits.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(impl.gather_logprobs(z, labels), z, grad_out)
-    # ∂/∂z_j log softmax(z)_y = 1[j = y] − softmax(z)_j, times g
-    onehot = torch.nn.functional.one_hot(labels, 11).to(dtype)
-    analytic = grad_out.to(dtype).unsqueeze(-1) * (onehot - torch.softmax(logits, -1))
-    torch.testing.assert_close(grad, analytic)
-    # and the same as autograd through the naive formula
-    z_naive = logits.clone().requires_grad_()
-    naive = torch.log_softmax(z_naive, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    (grad_naive,) = torch.autograd.grad(naive, z_naive, grad_out.to(dtype))
-    torch.testing.assert_close(grad, grad_naive)
-    assert grad.dtype == dtype
 
 
 def test_gather_logprobs_bf16_backward_matches_float32_math():
@@ -181,43 +138,11 @@ def test_entropy_limits_uniform_one_hot_and_infinities():
 # --- shift_for_next_token and sequence_logprobs --------------------------------------------------
 
 
-@pytest.mark.exercise("shift_for_next_token")
-def test_shift_aligns_logits_with_the_next_token(impl):
-    # Sequence "a b c" (ids 5 6 7) with prompt "a" and response "b c": the logits at position l
-    # predict token l + 1, so the label of logits[:, 0] is "b" and the mask follows the labels.
-    input_ids = torch.tensor([[5, 6, 7]])
-    response_mask = torch.tensor([[0, 1, 1]])
-    logits = torch.arange(3 * 4, dtype=torch.float32).reshape(1, 3, 4)
-    shifted_logits, labels, mask = impl.shift_for_next_token(logits, input_ids, response_mask)
-    assert torch.equal(shifted_logits, logits[:, :2])
-    assert torch.equal(labels, torch.tensor([[6, 7]]))
-    assert torch.equal(mask, torch.tensor([[1, 1]]))
-
-
 def test_shift_rejects_misaligned_shapes():
     with pytest.raises(ValueError, match="same \\[B, L\\]"):
         shift_for_next_token(torch.zeros(1, 2, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))
     with pytest.raises(ValueError, match="mask \\[B, L\\]"):
         shift_for_next_token(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 2))
-
-
-@pytest.mark.exercise("sequence_logprobs")
-def test_sequence_logprobs_sum_and_mean(impl):
-    token_logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
-    mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
-    torch.testing.assert_close(impl.sequence_logprobs(token_logprobs, mask), torch.tensor([-3.0, -6.0]))
-    torch.testing.assert_close(
-        impl.sequence_logprobs(token_logprobs, mask.bool(), average=True), torch.tensor([-1.5, -6.0])
-    )
-
-
-@pytest.mark.exercise("sequence_logprobs")
-@pytest.mark.parametrize("average", [False, True])
-def test_sequence_logprobs_all_masked_and_garbage_padding(impl, average):
-    token_logprobs = torch.tensor([[-1.0, float("-inf"), float("nan")], [-2.0, -3.0, float("-inf")]])
-    mask = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    expected = torch.tensor([0.0, -2.5 if average else -5.0])
-    torch.testing.assert_close(impl.sequence_logprobs(token_logprobs, mask, average=average), expected)
 
 
 @pytest.fixture(scope="module")

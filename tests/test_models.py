@@ -3,9 +3,9 @@
 Everything runs on ``qwen2_checkpoint``, a local directory shaped like a real Qwen2 checkpoint, so
 these tests exercise the code path used with ``Qwen/Qwen2.5-0.5B-Instruct``.
 """
-import pytest
 import torch
 
+from exercise_checks import exercise_tests
 from minirlhf.data.collate import collate_sft
 from minirlhf.models import (
     RewardModel,
@@ -16,6 +16,8 @@ from minirlhf.models import (
     position_ids_from_attention_mask,
     response_logprobs,
 )
+
+test_exercise_rm_end_score = exercise_tests("rm_end_score")
 
 # (prompt length, total length) of three rows; token ids are arbitrary ids of the tiny vocabulary.
 ROWS = [(3, 9), (5, 6), (2, 4)]
@@ -42,24 +44,6 @@ def unpad(batch, row, values, shift=0):
     """The real (non-pad) entries of ``values[row]``; ``shift=1`` for label-aligned [B, T] values."""
     keep = batch["attention_mask"][row, shift:].bool()
     return values[row][keep]
-
-
-@pytest.mark.exercise("end_token_index")
-def test_end_token_index_left_right_and_empty(impl):
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    assert impl.end_token_index(right).tolist() == [2, 4, 0]
-    assert impl.end_token_index(left).tolist() == [4, 4, 4]
-    assert impl.end_token_index(right.bool()).tolist() == [2, 4, 0]
-    assert impl.end_token_index(left.float()).tolist() == [4, 4, 4]
-    assert impl.end_token_index(right).dtype == torch.long
-
-
-@pytest.mark.exercise("end_token_index")
-def test_end_token_index_reads_the_mask_not_the_ids(impl):
-    # pad == eos: the row ends in a real EOS whose id equals the pad id; only the mask tells them apart.
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
-    assert impl.end_token_index(mask).tolist() == [3, 5]
 
 
 def test_position_ids_start_at_zero_on_the_first_real_token():

@@ -40,13 +40,11 @@ def ppo_policy_loss(
     diagnostics averaged over all valid tokens: ``clip_fraction`` = fraction of tokens on the
     clipped branch; ``approx_kl`` = mean of ``k3`` for KL(π_old‖π), the right direction for
     tokens sampled from π_old: ``(ρ − 1) − log ρ`` (always ≥ 0).
+
+    Hint: ``clipped_surrogate`` per token, ``aggregate_token_losses`` over the mask, and the two
+    diagnostics with ``masked_mean`` under ``torch.no_grad()``.
     """
-    token_losses, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
-    loss = aggregate_token_losses(token_losses, mask, aggregation, max_len)
-    with torch.no_grad():
-        clip_fraction = masked_mean(clipped.to(token_losses.dtype), mask)
-        approx_kl = masked_mean(kl_penalty(old_logprobs, logprobs, "k3"), mask)
-    return loss, clip_fraction, approx_kl
+    raise NotImplementedError("ppo_policy_loss: see the docstring's formula and hint")
 
 
 def ppo_value_loss(

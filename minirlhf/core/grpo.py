@@ -97,7 +97,11 @@ def grpo_loss(
     ``advantages`` ``[B]`` (e.g. from ``group_advantages``), broadcast over each row's tokens.
     Returns ``(loss, clip_fraction, kl)``: scalars; ``clip_fraction`` and ``kl`` (mean k3 over
     valid tokens) are detached diagnostics.
+
+    Hint: ``clipped_surrogate`` with ``advantages[:, None]``, plus ``β · kl_penalty(..., "k3")``
+    (left out when β = 0: ``0 · inf`` is NaN), then ``aggregate_token_losses``.
     """
+    # BEGIN SOLUTION
     token_losses, clipped = clipped_surrogate(logprobs, old_logprobs, advantages[:, None], clip_eps)
     kl = kl_penalty(logprobs, ref_logprobs, "k3")
     if beta != 0:
@@ -107,3 +111,4 @@ def grpo_loss(
         clip_fraction = masked_mean(clipped.to(token_losses.dtype), mask)
         mean_kl = masked_mean(kl, mask)
     return loss, clip_fraction, mean_kl
+    # END SOLUTION

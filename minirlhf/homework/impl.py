@@ -1,10 +1,11 @@
-"""The grader's one seam: load the exercise functions from the reference or from a folder.
+"""pytest's seam: load the exercise functions from the reference or from a folder, in-process.
 
 A submission folder mirrors the package layout of the exercise files, e.g.
-``PATH/core/dpo_losses.py``, ``PATH/core/gae.py``, ``PATH/data/templates.py``. Tests never import
-exercise functions directly; they take the ``impl`` fixture (``tests/conftest.py``), which is
-``load_implementation(--impl)``. So the same tests grade the reference, ``solutions/``,
-``exercises/`` and a student's folder.
+``PATH/core/dpo_losses.py``, ``PATH/core/gae.py``, ``PATH/data/templates.py``. The exercise tests
+take the ``impl`` fixture (``tests/conftest.py``), which is ``load_implementation(--impl)``, and
+run the grader's checks on it in the pytest process (``python -m pytest tests --impl PATH -m
+exercise``): the students' debugging path, with full tracebacks and no isolation. The grader
+itself (``grade.py``) never imports a submission.
 
 Files are imported lazily, one at a time, the first time a test asks for one of their names. So
 a file that does not import (a syntax error, an exception, an endless loop at import time) costs
@@ -12,8 +13,7 @@ only the exercises whose functions live in it: asking for such a name raises ``I
 naming the file and the cause, every time, while names from the other files still work.
 
 ``impl.find_the_bug`` holds the functions of ``PATH/find_the_bug/*.py`` (the silent-bug
-exercises); for the reference they come from ``solutions/find_the_bug/``, whose files are the
-fixed versions.
+exercises); for the reference they come from ``minirlhf/homework/find_the_bug/``, the fixed versions.
 """
 import ast
 import importlib
@@ -37,11 +37,12 @@ def load_implementation(path=None):
     that exercise only.
     """
     if path in REFERENCE_NAMES:
-        files = [f for f in _python_files(PACKAGE) if f.parent.name != "homework" and _has_exercises(f)]
+        files = [f for f in _python_files(PACKAGE) if _has_exercises(f)]
         names = {f: "minirlhf." + ".".join(f.relative_to(PACKAGE).with_suffix("").parts) for f in files}
-        bugs = PACKAGE.parent / "solutions" / FIND_THE_BUG
+        fixed = sorted((PACKAGE / "homework" / FIND_THE_BUG).glob("[!_]*.py"))
+        bugs = {f: f"minirlhf.homework.{FIND_THE_BUG}.{f.stem}" for f in fixed}
         return Implementation("minirlhf (reference)", names, import_by_name=True, fallback="minirlhf",
-                              find_the_bug=_find_the_bug(bugs, "minirlhf_reference"))
+                              find_the_bug=Implementation("minirlhf (reference)", bugs, import_by_name=True))
     root = Path(path).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"--impl {path}: no such folder")
@@ -109,6 +110,8 @@ def _python_files(root):
 
 
 def _has_exercises(file):
+    if file.name == "build.py":  # its docstring shows the markers
+        return False
     return any(line.strip() == SOLUTION_MARKER for line in file.read_text(encoding="utf-8").splitlines())
 
 

@@ -83,8 +83,8 @@ def dpo_loss(
         (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards are
         β·(log π − log π_ref), detached.
 
-    Hint: the exercise is the "sigmoid" and "ipo" branches (the others are optional). Use
-    −F.logsigmoid(z), stable for large |z|; IPO is a plain square of h − 1/(2β).
+    Hint: all five branches are graded. Use −F.logsigmoid(z), stable for large |z|; IPO is a
+    plain square of h − 1/(2β).
     """
     _check_same_shape(
         policy_chosen_logps=policy_chosen_logps,
