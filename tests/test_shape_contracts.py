@@ -47,7 +47,8 @@ def rollout(batch_size, num_tokens, seed=0):
     lengths[0] = num_tokens
     mask = torch.arange(num_tokens)[None, :] < lengths[:, None]
     old = -randn(batch_size, num_tokens, seed=seed + 1).abs()
-    return old + 0.3 * randn(batch_size, num_tokens, seed=seed + 2), old, old + randn(batch_size, num_tokens, seed=3), mask
+    logprobs = old + 0.3 * randn(batch_size, num_tokens, seed=seed + 2)
+    return logprobs, old, old + randn(batch_size, num_tokens, seed=seed + 3), mask
 
 
 # ---------------------------------------------------------------- the cases the issue measured
@@ -96,14 +97,26 @@ def test_per_sequence_advantages_meet_their_rows_when_batch_equals_length(loss):
 
 def test_dpo_logit_offset_is_a_scalar_or_one_per_pair():
     logps = [randn(4, seed=s) - 10 for s in range(4)]
-    with pytest.raises(ValueError, match=r"^dpo_loss: logit_offset must be None or a scalar or a tensor of shape \[B=4\]"):
+    expected = r"^dpo_loss: logit_offset must be None or a scalar or a tensor of shape \[4\] \(as in policy_chosen"
+    with pytest.raises(ValueError, match=expected):
         dpo_loss(*logps, logit_offset=torch.zeros(4, 1))  # used to give [4, 4] losses, hidden by .mean()
     with pytest.raises(ValueError, match="logit_offset"):
         dpo_loss(*logps, logit_offset=torch.zeros(3))
     offset = randn(4, seed=9)
+    per_pair = dpo_loss(*logps, logit_offset=torch.full((4,), 0.3, dtype=F64))[0]
     for scalar in (0.3, torch.tensor(0.3)):
-        torch.testing.assert_close(dpo_loss(*logps, logit_offset=scalar)[0], dpo_loss(*logps, logit_offset=torch.full((4,), 0.3, dtype=F64))[0])
+        torch.testing.assert_close(dpo_loss(*logps, logit_offset=scalar)[0], per_pair)
     assert dpo_loss(*logps, logit_offset=offset)[0].shape == (4,)
+
+
+def test_dpo_loss_takes_one_summed_log_prob_per_response():
+    token_logps = [randn(4, 6, seed=s) - 1 for s in range(4)]  # [B, T], never summed: per-token "losses"
+    with pytest.raises(ValueError, match=r"^dpo_loss: policy_chosen_logps must have shape \[B\] \(or \[\] for one"):
+        dpo_loss(*token_logps)
+    one_pair = [x.sum(-1)[0] for x in token_logps]  # 0-dim: a single pair, as the notebooks use it
+    torch.testing.assert_close(dpo_loss(*one_pair)[0], dpo_loss(*[x.sum(-1) for x in token_logps])[0][0])
+    with pytest.raises(ValueError, match=r"^dpo_loss: policy_rejected_logps must have shape \[\]"):
+        dpo_loss(one_pair[0], *[x.sum(-1) for x in token_logps[1:]])  # one pair against a batch
 
 
 @pytest.mark.parametrize("kl_reference", [torch.zeros(4, 1), torch.full((4,), 0.2), torch.tensor([0.2]), [0.2] * 4])
@@ -164,7 +177,8 @@ def test_dpop_and_rdpo_terms_are_one_per_pair():
 
 def test_gae_refuses_a_reward_column_it_would_drop():
     values, mask = randn(3, 5), torch.ones(3, 5)
-    with pytest.raises(ValueError, match=r"^gae_advantages: values must have shape \[B=3, T=6\] \(B, T as in rewards\)"):
+    expected = r"^gae_advantages: values must have shape \[B=3, T=6\] \(B, T as in rewards\), got \[3, 5\]"
+    with pytest.raises(ValueError, match=expected):
         gae_advantages(randn(3, 6), values, mask)
     with pytest.raises(ValueError, match=r"^gae_advantages: values must be a floating-point tensor"):
         gae_advantages(randn(3, 5), values.long(), mask)  # integer values: advantages truncated to integers
@@ -202,7 +216,8 @@ VALID = {  # function -> a valid call's keyword arguments
     "masked_mean": lambda: dict(x=f(B, T), mask=ones(B, T)),
     "masked_var": lambda: dict(x=f(B, T), mask=ones(B, T)),
     "masked_whiten": lambda: dict(x=f(B, T), mask=ones(B, T), eps=1e-8),
-    "aggregate_token_losses": lambda: dict(token_losses=f(B, T), mask=ones(B, T), aggregation="fixed_length", max_len=8),
+    "aggregate_token_losses": lambda: dict(token_losses=f(B, T), mask=ones(B, T), aggregation="fixed_length",
+                                           max_len=8),
     "bradley_terry_loss": lambda: dict(chosen_rewards=f(B), rejected_rewards=f(B), margin=f(B), center_coef=0.1),
     "kwise_bradley_terry_loss": lambda: dict(rewards=f(P, K), mask=ones(P, K)),
     "plackett_luce_loss": lambda: dict(rewards=f(P, K), mask=ones(P, K)),

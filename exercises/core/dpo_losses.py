@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minirlhf.core.shapes import check_shapes
+from minirlhf.core.shapes import ShapeError, check_shapes
 
 DPO_LOSS_TYPES = ("sigmoid", "cdpo", "robust", "ipo", "hinge")
 
@@ -68,7 +68,8 @@ def dpo_loss(
     (the trainer passes averages when loss_type == "ipo").
 
     Args:
-        policy_chosen_logps, policy_rejected_logps: log π_θ(y_w|x), log π_θ(y_l|x), [B].
+        policy_chosen_logps, policy_rejected_logps: log π_θ(y_w|x), log π_θ(y_l|x), [B] float
+            (all four of one shape: [B], or [] for a single pair).
         ref_chosen_logps, ref_rejected_logps: the same under the frozen reference, [B].
         beta: β ≥ 0, the strength of the implicit KL(π‖π_ref) regulariser (IPO: τ > 0).
         loss_type: one of "sigmoid", "cdpo", "robust", "ipo", "hinge".
@@ -76,6 +77,7 @@ def dpo_loss(
             (0 ≤ ε < ½).
         logit_offset: None, a scalar (float or 0-dim tensor) or a [B] tensor o subtracted from βh
             (see above); a [B, 1] raises (it would broadcast the losses to [B, B]).
+            beta and label_smoothing are scalars.
 
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards are
@@ -86,14 +88,17 @@ def dpo_loss(
     """
     check_shapes(
         "dpo_loss",
-        policy_chosen_logps=(policy_chosen_logps, "B", "float"),
-        policy_rejected_logps=(policy_rejected_logps, "B", "float"),
-        ref_chosen_logps=(ref_chosen_logps, "B", "float"),
-        ref_rejected_logps=(ref_rejected_logps, "B", "float"),
+        policy_chosen_logps=(policy_chosen_logps, "...", "float"),
+        policy_rejected_logps=(policy_rejected_logps, "...", "float"),
+        ref_chosen_logps=(ref_chosen_logps, "...", "float"),
+        ref_rejected_logps=(ref_rejected_logps, "...", "float"),
         beta=(beta, "scalar"),
         label_smoothing=(label_smoothing, "scalar"),
-        logit_offset=(logit_offset, (None, "scalar", "B")),
+        logit_offset=(logit_offset, (None, "scalar", "...")),
     )
+    if policy_chosen_logps.dim() > 1:  # e.g. token log-probs [B, T] that were never summed
+        shape = list(policy_chosen_logps.shape)
+        raise ShapeError(f"dpo_loss: policy_chosen_logps must have shape [B] (or [] for one pair), got {shape}")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     if label_smoothing and loss_type not in ("cdpo", "robust"):
