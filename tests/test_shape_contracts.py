@@ -234,13 +234,14 @@ VALID = {  # function -> a valid call's keyword arguments
     "kl_shaped_rewards": lambda: dict(score=f(B), logprobs=f(B, T), ref_logprobs=f(B, T), mask=ones(B, T), beta=0.1),
     "gae_advantages": lambda: dict(rewards=f(B, T), values=f(B, T), mask=ones(B, T), gamma=1.0, lam=0.95),
     "clipped_surrogate": lambda: dict(logprobs=f(B, T), old_logprobs=f(B, T), advantages=f(B), clip_eps=0.2),
-    "ppo_policy_loss": lambda: dict(logprobs=f(B, T), old_logprobs=f(B, T), advantages=f(B, T), mask=ones(B, T)),
+    "ppo_policy_loss": lambda: dict(logprobs=f(B, T), old_logprobs=f(B, T), advantages=f(B, T), mask=ones(B, T),
+                                    clip_eps=0.2),
     "ppo_value_loss": lambda: dict(values=f(B, T), old_values=f(B, T), returns=f(B, T), mask=ones(B, T),
                                    clip_range=0.2),
     "group_advantages": lambda: dict(rewards=f(B * G), group_size=G, eps=1e-4),
     "rloo_advantages": lambda: dict(rewards=f(B * G), group_size=G),
     "grpo_loss": lambda: dict(logprobs=f(B, T), old_logprobs=f(B, T), ref_logprobs=f(B, T), advantages=f(B),
-                              mask=ones(B, T), beta=0.04),
+                              mask=ones(B, T), clip_eps=0.2, beta=0.04),
 }
 
 BAD = [  # (function, argument, wrong value, what is wrong)
@@ -347,6 +348,7 @@ BAD = [  # (function, argument, wrong value, what is wrong)
     ("ppo_policy_loss", "advantages", f(B, 1), "column"),
     ("ppo_policy_loss", "advantages", f(T), "row"),
     ("ppo_policy_loss", "mask", ones(B), "rank"),
+    ("ppo_policy_loss", "clip_eps", f(B, 1), "not a scalar"),
     ("ppo_value_loss", "values", f(B, T, 1), "value head"),
     ("ppo_value_loss", "old_values", f(B, L), "length"),
     ("ppo_value_loss", "returns", long(B, T), "dtype"),
@@ -367,6 +369,7 @@ BAD = [  # (function, argument, wrong value, what is wrong)
     ("grpo_loss", "advantages", f(B, 1), "column"),
     ("grpo_loss", "advantages", f(T), "row"),
     ("grpo_loss", "mask", ones(B), "rank"),
+    ("grpo_loss", "clip_eps", f(B), "not a scalar"),
     ("grpo_loss", "beta", f(B), "not a scalar"),
 ]
 
@@ -392,7 +395,7 @@ def test_every_public_core_function_and_tensor_argument_is_swept():
     required = []
     for function, make in VALID.items():
         for argument, value in make().items():
-            if torch.is_tensor(value) or argument in ("beta", "lam", "gamma", "alpha", "eps"):
+            if torch.is_tensor(value) or argument in ("beta", "lam", "gamma", "alpha", "eps", "clip_eps", "clip_range"):
                 required.append((function, argument))
     assert set(required) <= swept, f"no wrongly shaped argument for {sorted(set(required) - swept)}"
 

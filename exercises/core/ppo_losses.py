@@ -64,6 +64,7 @@ def ppo_policy_loss(
         old_logprobs=(old_logprobs, "B T", "float"),
         advantages=(advantages, ("B T", "B"), "float"),
         mask=(mask, "B T"),
+        clip_eps=(clip_eps, "scalar"),
     )
     token_losses, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
     loss = aggregate_token_losses(token_losses, mask, aggregation, max_len)

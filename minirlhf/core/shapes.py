@@ -29,6 +29,7 @@ so far, where they came from, and the actual shape::
 
     grpo_loss: advantages must have shape [B=4] or [B=4, T=7] (B, T as in logprobs), got [4, 1]
 """
+import functools
 import numbers
 
 import torch
@@ -68,7 +69,7 @@ def _match(value, layout, sizes):
         return {} if (value is None if layout is None else is_scalar) else None
     if not torch.is_tensor(value):
         return None
-    dims, shape = layout.split(), tuple(value.shape)
+    dims, shape = _parse(layout), tuple(value.shape)
     if "..." in dims:  # gather the dimensions "..." stands for into one entry of the shape
         start, count = dims.index("..."), value.dim() - len(dims) + 1
         if count < 0:
@@ -78,12 +79,18 @@ def _match(value, layout, sizes):
         return None
     new_sizes = {}
     for dim, size in zip(dims, shape):
-        expected = int(dim) if dim.isdigit() else sizes.get(dim, new_sizes.get(dim))
+        expected = dim if isinstance(dim, int) else sizes.get(dim, new_sizes.get(dim))
         if expected is None:
             new_sizes[dim] = size
         elif size != expected:
             return None
     return new_sizes
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(layout):
+    """``"B 1"`` -> ``("B", 1)``: names stay strings, fixed sizes become ints. Parsed once per layout."""
+    return tuple(int(dim) if dim.isdigit() else dim for dim in layout.split())
 
 
 def _check_dtype(function, name, value, dtype):

@@ -112,6 +112,7 @@ def grpo_loss(
         ref_logprobs=(ref_logprobs, "B T", "float"),
         advantages=(advantages, ("B", "B T"), "float"),
         mask=(mask, "B T"),
+        clip_eps=(clip_eps, "scalar"),
         beta=(beta, "scalar"),
     )
     token_losses, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
