@@ -87,11 +87,12 @@ def test_gather_logprobs_infinite_and_huge_logits():
 
 def test_gather_logprobs_rejects_bad_inputs():
     logits = random_logits(2, 3, 5)
-    with pytest.raises(ValueError, match=r"labels \[B, T\]"):
+    expected = r"gather_logprobs: labels must have shape \[B=2, T=3\] \(B, T as in logits\), got \[2, 4\]"
+    with pytest.raises(ValueError, match=expected):
         gather_logprobs(logits, random_labels(2, 4, 5))
     with pytest.raises(ValueError, match="ignore index"):
         gather_logprobs(logits, torch.full((2, 3), -100))
-    with pytest.raises(ValueError, match="long labels"):
+    with pytest.raises(ValueError, match="labels must be a long"):
         gather_logprobs(logits, random_labels(2, 3, 5).int())
 
 
@@ -139,9 +140,9 @@ def test_entropy_limits_uniform_one_hot_and_infinities():
 
 
 def test_shift_rejects_misaligned_shapes():
-    with pytest.raises(ValueError, match="same \\[B, L\\]"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[B=1, L=3, V\]"):
         shift_for_next_token(torch.zeros(1, 2, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))
-    with pytest.raises(ValueError, match="mask \\[B, L\\]"):
+    with pytest.raises(ValueError, match=r"mask must have shape \[B=1, L=3\]"):
         shift_for_next_token(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 2))
 
 

@@ -23,7 +23,7 @@ def randn(*shape, seed=0, scale=2.0):
 
 
 def test_bradley_terry_shapes_are_checked():
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"rejected_rewards must have shape \[B=4\]"):
         reference_bradley_terry_loss(torch.randn(4), torch.randn(3))  # would silently broadcast otherwise
     with pytest.raises(ValueError, match=r"\[B\]"):
         reference_bradley_terry_loss(torch.randn(4, 2), torch.randn(4, 2))

@@ -21,13 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minirlhf.core.shapes import ShapeError, check_shapes
+
 DPO_LOSS_TYPES = ("sigmoid", "cdpo", "robust", "ipo", "hinge")
-
-
-def _check_same_shape(**tensors):
-    shapes = {name: list(t.shape) for name, t in tensors.items()}
-    if len({tuple(s) for s in shapes.values()}) > 1:
-        raise ValueError(f"expected tensors of one shape [B], got {shapes}")
 
 
 def dpo_loss(
@@ -72,13 +68,16 @@ def dpo_loss(
     (the trainer passes averages when loss_type == "ipo").
 
     Args:
-        policy_chosen_logps, policy_rejected_logps: log π_θ(y_w|x), log π_θ(y_l|x), [B].
+        policy_chosen_logps, policy_rejected_logps: log π_θ(y_w|x), log π_θ(y_l|x), [B] float
+            (all four of one shape: [B], or [] for a single pair).
         ref_chosen_logps, ref_rejected_logps: the same under the frozen reference, [B].
         beta: β ≥ 0, the strength of the implicit KL(π‖π_ref) regulariser (IPO: τ > 0).
         loss_type: one of "sigmoid", "cdpo", "robust", "ipo", "hinge".
         label_smoothing: ε, the assumed label-flip rate; only for cdpo (0 ≤ ε ≤ ½) and robust
             (0 ≤ ε < ½).
-        logit_offset: None, a float or a [B] tensor o subtracted from βh (see above).
+        logit_offset: None, a scalar (float or 0-dim tensor) or a [B] tensor o subtracted from βh
+            (see above); a [B, 1] raises (it would broadcast the losses to [B, B]).
+            beta and label_smoothing are scalars.
 
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards are
@@ -87,12 +86,19 @@ def dpo_loss(
     Hint: all five branches are graded. Use −F.logsigmoid(z), stable for large |z|; IPO is a
     plain square of h − 1/(2β).
     """
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
+    check_shapes(
+        "dpo_loss",
+        policy_chosen_logps=(policy_chosen_logps, "...", "float"),
+        policy_rejected_logps=(policy_rejected_logps, "...", "float"),
+        ref_chosen_logps=(ref_chosen_logps, "...", "float"),
+        ref_rejected_logps=(ref_rejected_logps, "...", "float"),
+        beta=(beta, "scalar"),
+        label_smoothing=(label_smoothing, "scalar"),
+        logit_offset=(logit_offset, (None, "scalar", "...")),
     )
+    if policy_chosen_logps.dim() > 1:  # e.g. token log-probs [B, T] that were never summed
+        shape = list(policy_chosen_logps.shape)
+        raise ShapeError(f"dpo_loss: policy_chosen_logps must have shape [B] (or [] for one pair), got {shape}")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     if label_smoothing and loss_type not in ("cdpo", "robust"):
@@ -110,8 +116,15 @@ def dpop_penalty(policy_chosen_logps, ref_chosen_logps, lam=50.0):
     Plain DPO can lower log π(y_w) as long as log π(y_l) falls faster; DPOP charges every nat the
     chosen response loses below the reference. It enters DPO inside β:
     ``dpo_loss(..., logit_offset=beta * dpop_penalty(...))``, i.e. z = β(h − penalty).
-    Summed log-probs, [B] -> [B]; not detached (the penalty is part of the loss).
+    Summed log-probs, [B] float -> [B]; ``lam`` a scalar; not detached (the penalty is part of
+    the loss).
     """
+    check_shapes(
+        "dpop_penalty",
+        policy_chosen_logps=(policy_chosen_logps, "B", "float"),
+        ref_chosen_logps=(ref_chosen_logps, "B", "float"),
+        lam=(lam, "scalar"),
+    )
     return lam * F.relu(ref_chosen_logps - policy_chosen_logps)
 
 
@@ -120,8 +133,15 @@ def rdpo_length_margin(chosen_lengths, rejected_lengths, alpha):
 
     Subtracted from the DPO logit (``dpo_loss(..., logit_offset=rdpo_length_margin(...))``), so
     z = βh − α(|y_w| − |y_l|): a longer chosen response must earn a larger h, which removes the
-    incentive to win preferences by being verbose. Lengths [B] (int or float) -> [B] float.
+    incentive to win preferences by being verbose. Lengths [B] (int or float), ``alpha`` a
+    scalar -> [B] float.
     """
+    check_shapes(
+        "rdpo_length_margin",
+        chosen_lengths=(chosen_lengths, "B"),
+        rejected_lengths=(rejected_lengths, "B"),
+        alpha=(alpha, "scalar"),
+    )
     length_difference = chosen_lengths - rejected_lengths
     if not length_difference.is_floating_point():  # token counts arrive as integers
         length_difference = length_difference.to(torch.get_default_dtype())
@@ -147,9 +167,12 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gam
 
     Hint: it is dpo_loss's sigmoid with the reference log-probs replaced by 0 and a margin.
     """
-    _check_same_shape(
-        policy_chosen_avg_logps=policy_chosen_avg_logps,
-        policy_rejected_avg_logps=policy_rejected_avg_logps,
+    check_shapes(
+        "simpo_loss",
+        policy_chosen_avg_logps=(policy_chosen_avg_logps, "B", "float"),
+        policy_rejected_avg_logps=(policy_rejected_avg_logps, "B", "float"),
+        beta=(beta, "scalar"),
+        gamma=(gamma, "scalar"),
     )
     raise NotImplementedError("simpo_loss: see the docstring's formula and hint")
 
@@ -159,8 +182,10 @@ def log1mexp(x):
 
     Near 0, 1 − eˣ cancels catastrophically, so use log(−expm1(x)); far below 0, eˣ is tiny and
     log1p(−eˣ) keeps its digits. The switch is at x = −ln 2. Each branch is fed a safe input so
-    the branch torch.where discards cannot send inf/NaN into the gradient.
+    the branch torch.where discards cannot send inf/NaN into the gradient. ``x`` any float
+    tensor -> its shape.
     """
+    check_shapes("log1mexp", x=(x, "...", "float"))
     near_zero = x > -math.log(2)
     switch = torch.full_like(x, -math.log(2))
     near = torch.log(-torch.expm1(torch.where(near_zero, x, switch)))
@@ -190,9 +215,11 @@ def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, lam=0.1):
         (losses [B], log_odds_ratio [B]): λ-weighted odds-ratio losses, and
         log odds(y_w) − log odds(y_l) (detached, for logging).
     """
-    _check_same_shape(
-        policy_chosen_avg_logps=policy_chosen_avg_logps,
-        policy_rejected_avg_logps=policy_rejected_avg_logps,
+    check_shapes(
+        "orpo_loss",
+        policy_chosen_avg_logps=(policy_chosen_avg_logps, "B", "float"),
+        policy_rejected_avg_logps=(policy_rejected_avg_logps, "B", "float"),
+        lam=(lam, "scalar"),
     )
 
     def log_odds(avg_logps):
@@ -231,15 +258,25 @@ def kto_loss(
     Args:
         policy_logps, ref_logps: summed log π_θ(y|x), log π_ref(y|x), [B].
         desirable: [B] bool (or 0/1), True for thumbs-up.
-        kl_reference: the KL estimate above, a float or a scalar tensor.
-        beta: β ≥ 0. desirable_weight, undesirable_weight: λ_D, λ_U.
+        kl_reference: the KL estimate above, one number for the batch: a float or a 0-dim
+            tensor (a [B] or [1] tensor raises; average per-example estimates first).
+        beta: β ≥ 0. desirable_weight, undesirable_weight: λ_D, λ_U (scalars).
 
     Returns:
         (losses [B], rewards [B]); rewards β·r, detached. A batch may be all desirable or all
         undesirable.
     """
+    check_shapes(
+        "kto_loss",
+        policy_logps=(policy_logps, "B", "float"),
+        ref_logps=(ref_logps, "B", "float"),
+        desirable=(torch.as_tensor(desirable), "B"),
+        kl_reference=(kl_reference, "scalar"),
+        beta=(beta, "scalar"),
+        desirable_weight=(desirable_weight, "scalar"),
+        undesirable_weight=(undesirable_weight, "scalar"),
+    )
     desirable = torch.as_tensor(desirable, device=policy_logps.device).bool()
-    _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
     z0 = torch.as_tensor(kl_reference, dtype=policy_logps.dtype, device=policy_logps.device)
     z0 = z0.detach().clamp(min=0)
     logratios = policy_logps - ref_logps

@@ -8,25 +8,27 @@ Layout: ``rewards`` is ``[N]`` with ``N = num_prompts · group_size``, laid out 
 ``prompts.repeat_interleave(G)`` produces), so ``rewards.view(num_prompts, G)`` has one prompt
 per row.
 """
+import numbers
+
 import torch
 
 from minirlhf.core.aggregation import aggregate_token_losses
 from minirlhf.core.kl import kl_penalty
 from minirlhf.core.masked import masked_mean
 from minirlhf.core.ppo_losses import clipped_surrogate
+from minirlhf.core.shapes import check_shapes
 
 GROUP_SCALES = ("std", None)
 
 
-def _grouped(rewards, group_size):
-    """``[N] -> [N / G, G]``, with clear errors for a layout that does not fit."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (a baseline needs other samples), got {group_size}")
-    if rewards.dim() != 1 or rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rewards must be 1-D with a length divisible by group_size={group_size}, got shape {tuple(rewards.shape)}"
-        )
-    return rewards.view(-1, group_size)
+def _check_group_size(function, rewards, group_size):
+    """``group_size`` must be an int ≥ 2 that divides ``N = len(rewards)``."""
+    if not isinstance(group_size, numbers.Integral) or group_size < 2:
+        raise ValueError(f"{function}: group_size must be an int, at least 2 (a baseline needs other samples), "
+                         f"got {group_size!r}")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(f"{function}: rewards must have a length divisible by group_size={group_size}, "
+                         f"got {list(rewards.shape)}")
 
 
 def group_advantages(rewards, group_size, scale="std", eps=1e-4):
@@ -38,12 +40,14 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-4):
     never) solved, a question-difficulty bias. A group whose rewards are all equal carries no
     signal and gets exactly 0 (not ``0/eps`` rounding noise, never NaN).
 
-    Shapes: ``rewards`` ``[N]``, laid out group by group (module docstring) -> ``[N]``. Raises
-    ValueError if ``N`` is not a multiple of ``group_size``, ``group_size < 2``, or ``scale`` is
-    unknown.
+    Shapes: ``rewards`` ``[N]`` float (1-D: not ``[P, G]``), laid out group by group (module
+    docstring) -> ``[N]``. Raises ValueError if ``N`` is not a multiple of ``group_size``,
+    ``group_size`` is not an int ≥ 2, or ``scale`` is unknown.
 
     Hint: ``view(-1, group_size)``, reduce over the last dimension, and mask constant groups.
     """
+    check_shapes("group_advantages", rewards=(rewards, "N", "float"), eps=(eps, "scalar"))
+    _check_group_size("group_advantages", rewards, group_size)
     raise NotImplementedError("group_advantages: see the docstring's formula and hint")
 
 
@@ -54,11 +58,14 @@ def rloo_advantages(rewards, group_size):
     is the mean of the *other* samples of its group, so it is independent of ``r_i`` and the
     gradient estimate stays unbiased. Equivalently ``Â_i = G/(G−1) · (r_i − mean_g)``.
 
-    Shapes: ``rewards`` ``[N]``, laid out group by group (module docstring) -> ``[N]``. Raises
-    ValueError if ``group_size < 2`` or ``N`` is not a multiple of it.
+    Shapes: ``rewards`` ``[N]`` float (1-D: not ``[P, G]``), laid out group by group (module
+    docstring) -> ``[N]``. Raises ValueError if ``group_size`` is not an int ≥ 2 or ``N`` is not
+    a multiple of it.
 
     Hint: the group sum minus ``r_i`` is the sum of the others.
     """
+    check_shapes("rloo_advantages", rewards=(rewards, "N", "float"))
+    _check_group_size("rloo_advantages", rewards, group_size)
     raise NotImplementedError("rloo_advantages: see the docstring's formula and hint")
 
 
@@ -83,11 +90,23 @@ def grpo_loss(
     ``β = 0`` (DAPO, Dr. GRPO) the KL term is left out of the loss (still measured).
 
     Shapes: ``logprobs`` (with gradient), ``old_logprobs``, ``ref_logprobs``, ``mask`` ``[B, T]``;
-    ``advantages`` ``[B]`` (e.g. from ``group_advantages``), broadcast over each row's tokens.
+    ``advantages`` ``[B]`` (one per sequence, e.g. from ``group_advantages``, shared by each
+    row's tokens, also when ``B == T``) or ``[B, T]`` (one per token, e.g. process rewards). A
+    ``[B, 1]`` raises: it is neither, and broadcasting it gave ``[B, B, T]`` losses.
     Returns ``(loss, clip_fraction, kl)``: scalars; ``clip_fraction`` and ``kl`` (mean k3 over
     valid tokens) are detached diagnostics.
 
-    Hint: ``clipped_surrogate`` with ``advantages[:, None]``, plus ``β · kl_penalty(..., "k3")``
+    Hint: ``clipped_surrogate`` (it takes ``[B]`` or ``[B, T]`` advantages), plus ``β · kl_penalty(..., "k3")``
     (left out when β = 0: ``0 · inf`` is NaN), then ``aggregate_token_losses``.
     """
+    check_shapes(
+        "grpo_loss",
+        logprobs=(logprobs, "B T", "float"),
+        old_logprobs=(old_logprobs, "B T", "float"),
+        ref_logprobs=(ref_logprobs, "B T", "float"),
+        advantages=(advantages, ("B", "B T"), "float"),
+        mask=(mask, "B T"),
+        clip_eps=(clip_eps, "scalar"),
+        beta=(beta, "scalar"),
+    )
     raise NotImplementedError("grpo_loss: see the docstring's formula and hint")

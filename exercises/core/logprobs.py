@@ -23,6 +23,8 @@ Labels must be real token ids (no ``-100`` "ignore index").
 """
 import torch
 
+from minirlhf.core.shapes import ShapeError, check_shapes
+
 # One float32 chunk may take this fraction of the logits' bytes. A chunk holds at most three
 # chunk-sized float32 temporaries (for bf16 logits: the upcast copy, z − max and its exp), so the
 # peak extra memory stays below 3/64 ≈ 0.05 of the logits, leaving room for allocator slack
@@ -45,9 +47,19 @@ def shift_for_next_token(logits, input_ids, mask):
     with ``T = L - 1``. Everything token-level downstream (log-probs, KL, rewards, advantages) is
     ``[B, T]`` and aligned with the labels. Works for left and right padding alike.
 
+    Shapes: ``logits`` ``[B, L, V]`` float (one position per input token: not already shifted),
+    ``input_ids`` ``[B, L]`` long, ``mask`` ``[B, L]``, with ``L ≥ 2``.
+
     Hint: three slices; the mask follows the labels, not the logits.
     """
-    _check_next_token_shapes(logits, input_ids, mask)
+    check_shapes(
+        "shift_for_next_token",
+        input_ids=(input_ids, "B L", "long"),
+        logits=(logits, "B L V", "float"),
+        mask=(mask, "B L"),
+    )
+    if input_ids.shape[1] < 2:
+        raise ShapeError(f"shift_for_next_token: input_ids must have L >= 2 positions, got {list(input_ids.shape)}")
     raise NotImplementedError("shift_for_next_token: see the docstring's formula and hint")
 
 
@@ -134,15 +146,7 @@ def gather_logprobs(logits, labels):
     a token of probability 0 (gradient 0; as the label it gives ``-inf``). ``+inf`` logits or an
     all ``-inf`` row have no log-probabilities and give NaN.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"gather_logprobs: expected logits [B, T, V] and labels [B, T], got logits "
-            f"{list(logits.shape)} and labels {list(labels.shape)}"
-        )
-    if not logits.is_floating_point() or labels.dtype != torch.long:
-        raise ValueError(
-            f"gather_logprobs: expected float logits and long labels, got {logits.dtype} and {labels.dtype}"
-        )
+    check_shapes("gather_logprobs", logits=(logits, "B T V", "float"), labels=(labels, "B T", "long"))
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
         raise ValueError(
             f"gather_logprobs: labels must be token ids in [0, {logits.shape[-1]}), got values in "
@@ -213,10 +217,7 @@ def entropy_from_logits(logits):
     logits at V = 151,936 on CPU: up to three chunk temporaries plus allocator slack).
     Tokens with ``-inf`` logits have p = 0 and contribute ``0 · log 0 = 0``.
     """
-    if logits.dim() != 3 or not logits.is_floating_point():
-        raise ValueError(
-            f"entropy_from_logits: expected float logits [B, T, V], got {logits.dtype} {list(logits.shape)}"
-        )
+    check_shapes("entropy_from_logits", logits=(logits, "B T V", "float"))
     return _Entropy.apply(logits)
 
 
@@ -231,25 +232,8 @@ def sequence_logprobs(token_logprobs, mask, average=False):
     Hint: select with ``torch.where`` rather than multiplying (``0 · -inf`` is NaN); divide by the
     token count clamped to at least 1.
     """
-    if mask.shape != token_logprobs.shape:
-        raise ValueError(
-            f"sequence_logprobs: expected token_logprobs and mask of the same shape [B, T], got "
-            f"{list(token_logprobs.shape)} and {list(mask.shape)}"
-        )
+    check_shapes("sequence_logprobs", token_logprobs=(token_logprobs, "B T", "float"), mask=(mask, "B T"))
     raise NotImplementedError("sequence_logprobs: see the docstring's formula and hint")
-
-
-def _check_next_token_shapes(logits, input_ids, mask):
-    if logits.dim() != 3 or input_ids.dim() != 2 or mask.shape != input_ids.shape:
-        raise ValueError(
-            f"shift_for_next_token: expected logits [B, L, V], input_ids [B, L] and mask [B, L], got "
-            f"{list(logits.shape)}, {list(input_ids.shape)} and {list(mask.shape)}"
-        )
-    if logits.shape[:2] != input_ids.shape or input_ids.shape[1] < 2:
-        raise ValueError(
-            f"shift_for_next_token: logits {list(logits.shape)} must have the same [B, L] as input_ids "
-            f"{list(input_ids.shape)}, with L >= 2 (logits for every input position, not already shifted)"
-        )
 
 
 def _compute_dtype(logits):

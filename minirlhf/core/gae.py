@@ -1,6 +1,8 @@
 """Generalised Advantage Estimation (Schulman et al. 2016) over masked token sequences."""
 import torch
 
+from minirlhf.core.shapes import check_shapes
+
 
 @torch.no_grad()
 def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -13,13 +15,23 @@ def gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95):
     and values at masked positions are ignored. ``λ = 1`` gives the Monte-Carlo return minus
     ``V_t``; ``λ = 0`` gives the TD error ``δ_t``.
 
-    Shapes: ``rewards``, ``values``, ``mask`` ``[B, T]``. Returns ``(advantages, returns)``, both
-    ``[B, T]`` and 0 where ``mask`` is 0. Runs under ``torch.no_grad``: advantages and returns are
-    fixed targets, no gradient flows into the values that produced them.
+    Shapes: ``rewards``, ``values`` (float), ``mask`` ``[B, T]``, all aligned: ``values`` holds no
+    extra bootstrap column (the value after the last valid token is 0), so ``rewards [B, T+1]``
+    is an error, not a dropped column. ``gamma``, ``lam`` scalars. Returns ``(advantages,
+    returns)``, both ``[B, T]`` and 0 where ``mask`` is 0. Runs under ``torch.no_grad``:
+    advantages and returns are fixed targets, no gradient flows into the values that produced them.
 
     Hint: loop backwards over ``t`` (vectorised over the batch), carrying ``V_{t+1}`` and
     ``A_{t+1}`` across masked positions.
     """
+    check_shapes(
+        "gae_advantages",
+        rewards=(rewards, "B T", "float"),
+        values=(values, "B T", "float"),
+        mask=(mask, "B T"),
+        gamma=(gamma, "scalar"),
+        lam=(lam, "scalar"),
+    )
     # BEGIN SOLUTION
     valid = mask.bool()
     advantages = torch.zeros_like(values)

@@ -24,7 +24,10 @@ Recombining a batch split in two (micro-batches, gradient accumulation): with ``
 ``token_mean`` (weigh by tokens, not by rows), and ``(B₁L₁ + B₂L₂)/(B₁ + B₂)`` for
 ``fixed_length`` with the same ``max_len``.
 """
+import numbers
+
 from minirlhf.core.masked import masked_mean, masked_sum
+from minirlhf.core.shapes import check_shapes
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "fixed_length")
 
@@ -40,8 +43,13 @@ def aggregate_token_losses(token_losses, mask, aggregation="token_mean", max_len
         to ``T``.
     An all-masked batch gives 0 for every choice. Raises ValueError for an unknown name.
 
+    Shapes: ``token_losses`` and ``mask`` ``[B, T]``; ``max_len`` None or a positive int.
+
     Hint: ``masked_mean`` with ``dim=-1`` gives the per-sequence means.
     """
+    check_shapes("aggregate_token_losses", token_losses=(token_losses, "B T"), mask=(mask, "B T"))
+    if max_len is not None and not (isinstance(max_len, numbers.Integral) and max_len >= 1):
+        raise ValueError(f"aggregate_token_losses: max_len must be None or a positive int, got {max_len!r}")
     if aggregation == "sequence_mean":
         has_tokens = mask.bool().any(dim=-1)
         return masked_mean(masked_mean(token_losses, mask, dim=-1), has_tokens)

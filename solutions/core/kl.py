@@ -13,6 +13,8 @@ The estimators follow J. Schulman, "Approximating KL Divergence" (2020). With to
 """
 import torch
 
+from minirlhf.core.shapes import check_shapes
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -27,11 +29,12 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
         ``k3 ≥ 0`` and accurate. It is finite for every Δ whose ``e^{−Δ}`` is representable
         (Δ > −88 in float32).
 
-    Shapes: ``logprobs``, ``ref_logprobs`` ``[B, T]`` (any matching shapes) -> same shape. No
-    mask: apply one to the result. Raises ValueError for an unknown estimator.
+    Shapes: ``logprobs``, ``ref_logprobs`` float, of one shape (e.g. ``[B, T]``; never broadcast)
+    -> that shape. No mask: apply one to the result. Raises ValueError for an unknown estimator.
 
     Hint: write ``e^x − x − 1`` with ``torch.expm1``.
     """
+    check_shapes("kl_penalty", logprobs=(logprobs, "...", "float"), ref_logprobs=(ref_logprobs, "...", "float"))
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -51,12 +54,21 @@ def kl_shaped_rewards(score, logprobs, ref_logprobs, mask, beta, estimator="k1")
     any other layout) get the score on the same token (the response's EOS when it has one).
 
     Shapes: ``score`` ``[B]`` (the reward model's scalar per response); ``logprobs``,
-    ``ref_logprobs``, ``mask`` ``[B, T]``. Returns ``(rewards, kl)``, both ``[B, T]`` and 0 where
-    ``mask`` is 0. The inputs come from the rollout, so no gradient is expected to flow here.
-    Raises ValueError for a row with no valid token (its score would have nowhere to go).
+    ``ref_logprobs`` (float), ``mask`` ``[B, T]``; ``beta`` a scalar. Returns ``(rewards, kl)``,
+    both ``[B, T]`` and 0 where ``mask`` is 0. The inputs come from the rollout, so no gradient
+    is expected to flow here. Raises ValueError for a row with no valid token (its score would
+    have nowhere to go).
 
     Hint: the last valid index of a row is the largest ``t`` with ``mask[t] = 1``.
     """
+    check_shapes(
+        "kl_shaped_rewards",
+        logprobs=(logprobs, "B T", "float"),
+        ref_logprobs=(ref_logprobs, "B T", "float"),
+        mask=(mask, "B T"),
+        score=(score, "B"),
+        beta=(beta, "scalar"),
+    )
     valid = mask.bool()
     empty_rows = (~valid.any(dim=-1)).nonzero().flatten().tolist()
     if empty_rows:

@@ -16,14 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minirlhf.core.shapes import check_shapes
 
-def _as_vector(x, name):
-    """[B] or [B, 1] (a score head's output) -> [B]; anything else is a clear error."""
-    if x.dim() == 2 and x.shape[-1] == 1:
-        x = x.squeeze(-1)
-    if x.dim() != 1:
-        raise ValueError(f"{name}: expected shape [B] or [B, 1], got {list(x.shape)}")
-    return x
+
+def _as_vector(x):
+    """A score head's ``[B, 1]`` -> ``[B]`` (``[B]`` and scalars unchanged)."""
+    return x.squeeze(-1) if torch.is_tensor(x) and x.dim() == 2 else x
 
 
 def _pair_accuracy(difference):
@@ -42,9 +40,10 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
     free additive constant near 0, which the BT likelihood alone leaves undetermined.
 
     Args:
-        chosen_rewards, rejected_rewards: r(x, y_w), r(x, y_l), shape [B] (or [B, 1], squeezed).
-        margin: None, a float, or a tensor [B] (or [B, 1]).
-        center_coef: c ≥ 0.
+        chosen_rewards, rejected_rewards: r(x, y_w), r(x, y_l), float, shape [B] (or [B, 1],
+            squeezed).
+        margin: None, a scalar, or a tensor [B] (or [B, 1]).
+        center_coef: c ≥ 0, a scalar.
 
     Returns:
         (loss, accuracy): scalar loss; accuracy = mean_b 1[r_c > r_r] with ties counted ½
@@ -52,15 +51,15 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
 
     Hint: F.logsigmoid(x) is −softplus(−x), stable where log(torch.sigmoid(x)) underflows.
     """
-    chosen_rewards = _as_vector(chosen_rewards, "chosen_rewards")
-    rejected_rewards = _as_vector(rejected_rewards, "rejected_rewards")
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(
-            f"chosen_rewards {list(chosen_rewards.shape)} and rejected_rewards "
-            f"{list(rejected_rewards.shape)} must have the same shape [B]"
-        )
-    if torch.is_tensor(margin):
-        margin = _as_vector(margin, "margin")
+    check_shapes(
+        "bradley_terry_loss",
+        chosen_rewards=(chosen_rewards, ("B", "B 1"), "float"),
+        rejected_rewards=(rejected_rewards, ("B", "B 1"), "float"),
+        margin=(margin, (None, "scalar", "B", "B 1")),
+        center_coef=(center_coef, "scalar"),
+    )
+    chosen_rewards, rejected_rewards = _as_vector(chosen_rewards), _as_vector(rejected_rewards)
+    margin = _as_vector(margin)
     difference = chosen_rewards - rejected_rewards
     logits = difference if margin is None else difference - margin
     loss = -F.logsigmoid(logits).mean()
@@ -69,15 +68,10 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
     return loss, _pair_accuracy(difference).mean()
 
 
-def _rank_mask(rewards, mask):
-    """Validate [P, K] rewards and return the boolean mask (all True when mask is None)."""
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards: expected shape [P, K] (prompts × responses), got {list(rewards.shape)}")
-    if mask is None:
-        return torch.ones_like(rewards, dtype=torch.bool)
-    if mask.shape != rewards.shape:
-        raise ValueError(f"mask {list(mask.shape)} must have the shape of rewards {list(rewards.shape)}")
-    return mask.bool()
+def _rank_mask(function, rewards, mask):
+    """Check [P, K] rewards and mask; return the boolean mask (all True when mask is None)."""
+    check_shapes(function, rewards=(rewards, "P K", "float"), mask=(mask, (None, "P K")))
+    return torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool()
 
 
 def _ranked_pairs(valid):
@@ -110,7 +104,7 @@ def kwise_bradley_terry_loss(rewards, mask=None):
     Hint: ``pairs[p, i, j]`` (given) marks the comparisons; build the [P, K, K] differences
     r_i − r_j by broadcasting and average −log σ over the marked entries of each prompt.
     """
-    valid = _rank_mask(rewards, mask)
+    valid = _rank_mask("kwise_bradley_terry_loss", rewards, mask)
     pairs = _ranked_pairs(valid)
     if not pairs.any():
         raise ValueError("kwise_bradley_terry_loss: no prompt has two valid responses to compare")
@@ -144,7 +138,7 @@ def plackett_luce_loss(rewards, mask=None):
         (a lone response has probability 1 and says nothing); accuracy as in
         ``kwise_bradley_terry_loss`` (pairwise, ties ½). A batch with no pair is an error.
     """
-    valid = _rank_mask(rewards, mask)
+    valid = _rank_mask("plackett_luce_loss", rewards, mask)
     # Invalid entries become −inf so they vanish from every log Σ exp; masked_fill (not a product)
     # also stops the −inf from sending NaN gradients back to them.
     scores = rewards.masked_fill(~valid, -math.inf)
