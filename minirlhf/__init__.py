@@ -29,6 +29,8 @@ from minirlhf.core.kl import kl_penalty, kl_shaped_rewards
 from minirlhf.core.gae import gae_advantages
 from minirlhf.core.ppo_losses import clipped_surrogate, ppo_policy_loss, ppo_value_loss
 from minirlhf.core.grpo import group_advantages, grpo_loss, rloo_advantages
+from minirlhf.core.best_of_n import best_of_n_kl, best_of_n_value
+from minirlhf.core.calibration import expected_calibration_error, reliability_bins
 
 __all__ = [
     "entropy_from_logits",
@@ -58,6 +60,10 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "rloo_advantages",
+    "best_of_n_kl",
+    "best_of_n_value",
+    "expected_calibration_error",
+    "reliability_bins",
 ]
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The notebooks are tests: execute every ``notebooks/*.ipynb`` top to bottom and check how it is stored.
+"""The notebooks are tests: execute every ``notebooks/*.ipynb`` top to bottom, check how it is stored, and check
+that both notebook tables (README.md, notebooks/README.md) list it.
 
 Each chapter's ``# CHECK`` cells assert that the code matches the math, so a notebook that runs
 to the end has passed its checks. Every notebook is its own test (``-k 05_policy``), executed by
@@ -63,6 +64,15 @@ def test_notebook_is_stored_clean(path):
     assert any(c.cell_type == "markdown" and "## Exercises" in c.source for c in notebook.cells), (
         f"{path.name}: no '## Exercises' section pointing to the matching homework exercise"
     )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_notebook_id)
+def test_notebook_is_listed_in_both_tables(path):
+    """A chapter a newcomer cannot find does not exist: each notebook has a row in the README's notebook table and in
+    notebooks/README.md's, linking to it."""
+    for readme, link in ((REPO / "README.md", f"(notebooks/{path.name})"), (NOTEBOOK_DIR / "README.md", f"({path.name})")):
+        rows = [line for line in readme.read_text().splitlines() if line.startswith("|") and link in line]
+        assert len(rows) == 1, f"{readme.relative_to(REPO)}: expected one table row linking {link}, found {len(rows)}"
 
 
 @pytest.fixture(scope="session")
