@@ -61,9 +61,9 @@ def test_large_pools_stay_finite():
 
 def test_bad_inputs():
     s = torch.zeros(2, 5)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=r"values must have shape \[P=2, N=5\]"):
         best_of_n_value(s, torch.zeros(2, 4), 2)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=r"selector_scores must have shape \[P, N\]"):
         best_of_n_value(torch.zeros(5), torch.zeros(5), 2)
     for n in (0, 6, 2.0):
         with pytest.raises(ValueError, match="n must be"):

@@ -41,9 +41,9 @@ def test_calibrated_forecasts_beat_over_confident_ones():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=r"outcomes must have shape \[M=5\]"):
         reliability_bins(torch.rand(5), torch.rand(4))
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="at least one forecast"):
         reliability_bins(torch.rand(0), torch.rand(0))
     with pytest.raises(ValueError, match=r"probabilities must lie in \[0, 1\]"):
         expected_calibration_error(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0]))

@@ -242,6 +242,10 @@ VALID = {  # function -> a valid call's keyword arguments
     "rloo_advantages": lambda: dict(rewards=f(B * G), group_size=G),
     "grpo_loss": lambda: dict(logprobs=f(B, T), old_logprobs=f(B, T), ref_logprobs=f(B, T), advantages=f(B),
                               mask=ones(B, T), clip_eps=0.2, beta=0.04),
+    "best_of_n_value": lambda: dict(selector_scores=f(P, K), values=f(P, K), n=2),
+    "best_of_n_kl": lambda: dict(n=4),
+    "reliability_bins": lambda: dict(probabilities=f(B).sigmoid(), outcomes=ones(B), num_bins=5),
+    "expected_calibration_error": lambda: dict(probabilities=f(B).sigmoid(), outcomes=ones(B), num_bins=5),
 }
 
 BAD = [  # (function, argument, wrong value, what is wrong)
@@ -371,6 +375,18 @@ BAD = [  # (function, argument, wrong value, what is wrong)
     ("grpo_loss", "mask", ones(B), "rank"),
     ("grpo_loss", "clip_eps", f(B), "not a scalar"),
     ("grpo_loss", "beta", f(B), "not a scalar"),
+    ("best_of_n_value", "selector_scores", f(P, K + 1), "pool size"),
+    ("best_of_n_value", "values", f(P * K), "rank"),
+    ("best_of_n_value", "values", long(P, K), "dtype"),
+    ("best_of_n_value", "n", K + 1, "n > N"),
+    ("best_of_n_value", "n", 2.0, "not an int"),
+    ("best_of_n_kl", "n", 0, "n < 1"),
+    ("best_of_n_kl", "n", 2.5, "not an int"),
+    ("reliability_bins", "probabilities", f(B, 1).sigmoid(), "column"),
+    ("reliability_bins", "outcomes", ones(B + 1), "length"),
+    ("reliability_bins", "num_bins", 0, "not positive"),
+    ("expected_calibration_error", "probabilities", f(B) + 2, "outside [0, 1]"),
+    ("expected_calibration_error", "outcomes", ones(B, 1), "column"),
 ]
 
 

@@ -19,8 +19,11 @@ log n − (n−1)/n (Stiennon et al. 2020). Ties (a discrete s, a response drawn
 it: the formula is an upper bound (Beirami et al. 2024).
 """
 import math
+import numbers
 
 import torch
+
+from minirlhf.core.shapes import check_shapes
 
 
 def best_of_n_value(selector_scores, values, n):
@@ -33,13 +36,9 @@ def best_of_n_value(selector_scores, values, n):
     gives the pool mean of v, ``n = N`` the v of the top-scored sample (ties: their mean v).
     ``selector_scores`` may be ``values`` itself: then it is the expected maximum of n draws.
     """
-    if selector_scores.dim() != 2 or selector_scores.shape != values.shape:
-        raise ValueError(
-            f"best_of_n_value: expected selector_scores and values of one shape [P, N], got "
-            f"{list(selector_scores.shape)} and {list(values.shape)}"
-        )
+    check_shapes("best_of_n_value", selector_scores=(selector_scores, "P N"), values=(values, "P N", "float"))
     pool = values.shape[-1]
-    if not (isinstance(n, int) and 1 <= n <= pool):
+    if not (isinstance(n, numbers.Integral) and 1 <= n <= pool):
         raise ValueError(f"best_of_n_value: n must be an int in 1..N = {pool}, got {n!r}")
     order = selector_scores.argsort(dim=-1, stable=True)
     s = selector_scores.gather(-1, order)
@@ -61,10 +60,10 @@ def best_of_n_kl(n):
     ``n`` a positive int or an int tensor; returns a float (or a float64 tensor of its shape).
     """
     if torch.is_tensor(n):
-        if (n < 1).any():
-            raise ValueError("best_of_n_kl: n must be ≥ 1")
+        if n.is_floating_point() or (n < 1).any():
+            raise ValueError(f"best_of_n_kl: n must hold ints ≥ 1, got {n}")
         n = n.to(torch.float64)
         return n.log() - (n - 1) / n
-    if n < 1:
-        raise ValueError(f"best_of_n_kl: n must be ≥ 1, got {n}")
+    if not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"best_of_n_kl: n must be an int ≥ 1, got {n!r}")
     return math.log(n) - (n - 1) / n

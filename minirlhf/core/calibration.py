@@ -16,20 +16,22 @@ outcomes the comparison is with the truth itself, free of label noise. With samp
 even a perfect forecaster has ECE > 0: each frequency_k carries a binomial error of order
 √(p(1−p)/|B_k|).
 """
+import numbers
+
 import torch
 
+from minirlhf.core.shapes import check_shapes
 
-def _check_forecasts(probabilities, outcomes, num_bins):
-    if probabilities.dim() != 1 or probabilities.shape != outcomes.shape or probabilities.numel() == 0:
-        raise ValueError(
-            f"expected probabilities and outcomes of one shape [M] with M ≥ 1, got "
-            f"{list(probabilities.shape)} and {list(outcomes.shape)}"
-        )
-    if not (isinstance(num_bins, int) and num_bins >= 1):
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+
+def _check_forecasts(function, probabilities, outcomes, num_bins):
+    check_shapes(function, probabilities=(probabilities, "M"), outcomes=(outcomes, "M"))
+    if probabilities.numel() == 0:
+        raise ValueError(f"{function}: probabilities must hold at least one forecast, got [0]")
+    if not (isinstance(num_bins, numbers.Integral) and num_bins >= 1):
+        raise ValueError(f"{function}: num_bins must be a positive int, got {num_bins!r}")
     for name, x in (("probabilities", probabilities), ("outcomes", outcomes)):
         if not ((x >= 0) & (x <= 1)).all():
-            raise ValueError(f"{name} must lie in [0, 1] (got values from {float(x.min())} to {float(x.max())})")
+            raise ValueError(f"{function}: {name} must lie in [0, 1] (got values from {float(x.min())} to {float(x.max())})")
 
 
 def reliability_bins(probabilities, outcomes, num_bins=10):
@@ -41,7 +43,7 @@ def reliability_bins(probabilities, outcomes, num_bins=10):
     Shapes: ``probabilities`` p and ``outcomes`` o ``[M]``, values in [0, 1] (o bool, 0/1 or soft);
     confidence and frequency come back in p's floating dtype, counts as long.
     """
-    _check_forecasts(probabilities, outcomes, num_bins)
+    _check_forecasts("reliability_bins", probabilities, outcomes, num_bins)
     p = probabilities if probabilities.is_floating_point() else probabilities.double()
     o = outcomes.to(p.dtype)
     bins = (p * num_bins).long().clamp(max=num_bins - 1)
@@ -56,6 +58,7 @@ def expected_calibration_error(probabilities, outcomes, num_bins=10):
 
     Shapes and values as ``reliability_bins``.
     """
+    _check_forecasts("expected_calibration_error", probabilities, outcomes, num_bins)
     confidence, frequency, counts = reliability_bins(probabilities, outcomes, num_bins)
     filled = counts > 0
     share = counts[filled].to(confidence.dtype) / counts.sum()
