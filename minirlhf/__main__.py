@@ -13,7 +13,7 @@ COMMANDS = {
     "pipeline": ("minirlhf.pipeline", "the whole RLHF pipeline on the toy world: SFT, RM, DPO, PPO, GRPO"),
     "sft": ("minirlhf.train.sft", "supervised fine-tuning"),
     "rm": ("minirlhf.train.rm", "reward model (Bradley-Terry / K-wise)"),
-    "dpo": ("minirlhf.train.dpo", "DPO family: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto"),
+    "dpo": ("minirlhf.train.dpo", "DPO family: dpo, cdpo, robust, ipo, hinge, simpo, orpo; kto (kto.py)"),
     "ppo": ("minirlhf.train.ppo", "PPO with a value model and KL-shaped rewards"),
     "grpo": ("minirlhf.train.grpo", "GRPO: group-relative advantages, no critic"),
     "rloo": ("minirlhf.train.rloo", "REINFORCE leave-one-out"),
@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": ("minirlhf.eval.generate", "generate responses for a prompt set"),
     "compare": ("minirlhf.eval.compare", "compare base vs tuned generations: scores, win rate, lengths"),
     "data": ("minirlhf.data.inspect", "data inspect FILE --template NAME"),
+    "toy-world": ("minirlhf.train.toy_world", "build (or find) the toy world and its SFT policy; print its stats"),
     "grade": ("minirlhf.homework.grade", "grade a homework submission folder"),
 }
 

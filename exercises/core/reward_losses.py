@@ -65,6 +65,19 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
     raise NotImplementedError("bradley_terry_loss: see the docstring's formula and hint")
 
 
+def pair_accuracy(chosen_rewards, rejected_rewards):
+    """The fraction of pairs ordered correctly, ``mean_b 1[r_c > r_r]`` with ties counted ½: the
+    accuracy every loss here reports, for any pair of reward vectors (e.g. DPO's implicit rewards).
+
+    Shapes: ``[B]`` (or ``[B, 1]``) each -> scalar, detached.
+    """
+    chosen, rejected = _as_vector(chosen_rewards, "chosen_rewards"), _as_vector(rejected_rewards, "rejected_rewards")
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"pair_accuracy: chosen {list(chosen.shape)} and rejected {list(rejected.shape)} rewards "
+                         "must have the same shape [B]")
+    return _pair_accuracy(chosen - rejected).mean()
+
+
 def _rank_mask(rewards, mask):
     """Validate [P, K] rewards and return the boolean mask (all True when mask is None)."""
     if rewards.dim() != 2:
