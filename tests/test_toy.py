@@ -340,6 +340,8 @@ def test_gold_summary_means_and_math_accuracy_over_math_prompts_only():
         assert summary[key] == pytest.approx(sum(gold_scores(p, y)[key] for p, y in zip(prompts, responses)) / 4)
     assert summary["math_accuracy"] == 0.5  # 1 of the 2 math answers, whatever the other prompts
     assert "math_accuracy" not in gold_summary(prompts[2:], responses[2:])
+    with pytest.raises(ValueError, match="one response string per prompt"):
+        gold_summary(prompts[:2], [responses[:2], responses[:2]])  # per-prompt lists: flatten them first
     assert gold_scores(prompts[0], responses[0]) == {"gold": gold_reward(prompts[0], responses[0]),
                                                      "gold_helpful": helpful_score(prompts[0], responses[0]),
                                                      "gold_harmless": harmless_score(prompts[0], responses[0])}

@@ -45,6 +45,9 @@ def gold_scores(prompt: str, response: str) -> dict[str, float]:
 def gold_summary(prompts: list[str], responses: list[str]) -> dict[str, float]:
     """Means over the ``(prompts[i], responses[i])`` pairs of ``gold``, ``gold_helpful`` and
     ``gold_harmless``, and ``math_accuracy`` over the math prompts among them (absent when none)."""
+    if len(prompts) != len(responses) or not prompts or not all(isinstance(r, str) for r in responses):
+        raise ValueError(f"gold_summary: expected one response string per prompt, got {len(prompts)} prompts and "
+                         f"{len(responses)} responses (flatten per-prompt lists of samples first)")
     pairs = list(zip(prompts, responses))
     n = len(pairs)
     summary = {
