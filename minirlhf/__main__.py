@@ -13,7 +13,7 @@ COMMANDS = {
     "pipeline": ("minirlhf.pipeline", "the whole RLHF pipeline on the toy world: SFT, RM, DPO, PPO, GRPO"),
     "sft": ("minirlhf.train.sft", "supervised fine-tuning"),
     "rm": ("minirlhf.train.rm", "reward model (Bradley-Terry / K-wise)"),
-    "dpo": ("minirlhf.train.dpo", "DPO family: dpo, cdpo, robust, ipo, hinge, simpo, orpo; kto (kto.py)"),
+    "dpo": ("minirlhf.train.dpo", "DPO family: dpo, cdpo, robust, ipo, hinge, simpo, orpo, kto"),
     "ppo": ("minirlhf.train.ppo", "PPO with a value model and KL-shaped rewards"),
     "grpo": ("minirlhf.train.grpo", "GRPO: group-relative advantages, no critic"),
     "rloo": ("minirlhf.train.rloo", "REINFORCE leave-one-out"),
