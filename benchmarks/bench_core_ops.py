@@ -34,7 +34,11 @@ from minirlhf.core.grpo import group_advantages, grpo_loss  # noqa: E402
 from minirlhf.core.kl import kl_penalty, kl_shaped_rewards  # noqa: E402
 from minirlhf.core.ppo_losses import ppo_policy_loss, ppo_value_loss  # noqa: E402
 from minirlhf.models.forward import response_logprobs  # noqa: E402
-from minirlhf.train import common as train_common  # noqa: E402
+from minirlhf.train.batches import micro_batches  # noqa: E402
+from minirlhf.train.optim import (  # noqa: E402
+    DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step,
+)
+from minirlhf.train.runtime import autocast  # noqa: E402
 
 TARGET_FRACTION = 0.01
 GROUP_SIZE = 8
@@ -120,13 +124,13 @@ def time_op(fn, device, repeats, warmup, budget=0.05):
 def training_step_seconds(args, device):
     """Median seconds of one policy update at ``[B, T + 1]`` (micro-batches, AdamW)."""
     model = common.build_model(args.shape, device).train()
-    optimizer = train_common.make_optimizer(model.parameters(), lr=1e-5)
-    scheduler = train_common.make_scheduler(optimizer, 10**6, schedule="constant")
+    optimizer = make_optimizer(model.parameters(), lr=1e-5)
+    scheduler = make_scheduler(optimizer, 10**6, schedule="constant")
     x = make_rollout(args.batch, args.length, device)
     input_ids = torch.randint(3, model.config.vocab_size, (args.batch, args.length + 1), device=device)
     attention_mask, response_mask = x["attention_mask"], x["response_mask"]
     rows = list(range(args.batch))
-    guard = train_common.DivergenceGuard(lambda: None)
+    guard = DivergenceGuard(lambda: None)
 
     def loss_fn(ids):
         logprobs, mask = response_logprobs(model, input_ids[ids], attention_mask[ids], response_mask[ids])
@@ -134,10 +138,12 @@ def training_step_seconds(args, device):
         return loss, {}
 
     def step():
-        micro = [(ids, ids) for ids in train_common.micro_batches(rows, args.micro_batch)]
-        train_common.accumulate_gradients(micro, loss_fn, [len(ids) / len(rows) for ids, _ in micro],
-                                          device=device, guard=guard, step=0)
-        train_common.optimizer_step(model, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=rows)
+        totals = {}
+        for ids in micro_batches(rows, args.micro_batch):
+            with autocast(device):
+                loss, metrics = loss_fn(ids)
+            backward_weighted(loss, metrics, len(ids) / len(rows), totals, guard=guard, step=0, example_ids=ids)
+        optimizer_step(model, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=rows)
 
     seconds = common.time_alternately({"step": step}, device, repeats=args.step_repeats, warmup=1)["step"]
     return seconds, common.num_parameters(model)

@@ -5,10 +5,10 @@
 
 Both variants take the same initial weights, the same batch of preference pairs, the same loss
 function (``minirlhf.core.dpo_losses.dpo_loss``, sigmoid, β = 0.1) and the same AdamW step through
-the trainers' ``accumulate_gradients``/``optimizer_step`` (bf16 autocast on CUDA). Only the
+the trainers' ``backward_weighted``/``optimizer_step`` (bf16 autocast on CUDA). Only the
 systems choices differ:
 
-- **ours** (``minirlhf/train/dpo.py``): ``pair_loss`` runs one forward over the ``[2B, L]``
+- **ours** (``minirlhf/train/dpo.py``): ``pairwise_preference_loss`` runs one forward over the ``[2B, L]``
   chosen-then-rejected batch (``collate_preference``), asks the model for logits only from the
   first response column on (``logits_to_keep``) and gathers log-probs with the chunked
   ``gather_logprobs``. π_ref's log-probs were computed once before training
@@ -46,8 +46,13 @@ from minirlhf.core.dpo_losses import dpo_loss  # noqa: E402
 from minirlhf.core.logprobs import sequence_logprobs, shift_for_next_token  # noqa: E402
 from minirlhf.data.collate import collate_preference, collate_sft  # noqa: E402
 from minirlhf.models.forward import position_ids_from_attention_mask  # noqa: E402
-from minirlhf.train import common as train_common  # noqa: E402
-from minirlhf.train.dpo import DPOArgs, pair_loss, pair_rows, reference_logps  # noqa: E402
+from minirlhf.data.collate import to_device  # noqa: E402
+from minirlhf.train.dpo import DPOArgs, pairwise_preference_loss  # noqa: E402
+from minirlhf.train.optim import (  # noqa: E402
+    DivergenceGuard, backward_weighted, make_optimizer as adamw, make_scheduler, optimizer_step as adamw_step,
+)
+from minirlhf.train.preference import pair_rows, reference_logps  # noqa: E402
+from minirlhf.train.runtime import autocast  # noqa: E402
 
 VARIANTS = ("ours", "naive")
 BETA = 0.1
@@ -95,11 +100,11 @@ def ours_setup(pairs, policy, reference, device):
     cached = reference_logps(reference, pair_rows(pairs), pad_id, batch_size=len(pairs), device=device)
     batch = collate_preference(pairs, pad_id)
     batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cached.view(2, -1)
-    return train_common.to_device(batch, device)
+    return to_device(batch, device)
 
 
 def ours_loss(policy, batch):
-    return pair_loss(DPOArgs(loss="sigmoid", beta=BETA), policy, batch)
+    return pairwise_preference_loss(DPOArgs(loss="sigmoid", beta=BETA), policy, batch)
 
 
 def naive_setup(pairs, pad_id, device):
@@ -108,7 +113,7 @@ def naive_setup(pairs, pad_id, device):
                           for p in pairs], pad_id)
     rejected = collate_sft([{"input_ids": p["rejected_input_ids"], "response_mask": p["rejected_response_mask"]}
                             for p in pairs], pad_id)
-    return train_common.to_device(chosen, device), train_common.to_device(rejected, device)
+    return to_device(chosen, device), to_device(rejected, device)
 
 
 def naive_sequence_logps(model, batch):
@@ -129,17 +134,24 @@ def naive_loss(policy, reference, batches):
     return losses.mean(), {}
 
 
+def forward_backward(loss_fn, batch, device, guard, step):
+    """One micro-batch's forward and backward exactly as the trainers run it; returns the metrics."""
+    with autocast(device):
+        loss, metrics = loss_fn(batch)
+    return backward_weighted(loss, metrics, 1.0, {}, guard=guard, step=step, example_ids=[0])
+
+
 def optimizer_step(policy, optimizer, scheduler, loss_fn, batch, device):
     """One optimizer step exactly as the trainers take it; returns the loss."""
-    guard = train_common.DivergenceGuard(lambda: None)
-    metrics = train_common.accumulate_gradients([([0], batch)], loss_fn, [1.0], device=device, guard=guard, step=0)
-    train_common.optimizer_step(policy, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=[0])
+    guard = DivergenceGuard(lambda: None)
+    metrics = forward_backward(loss_fn, batch, device, guard, step=0)
+    adamw_step(policy, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=[0])
     return metrics["loss"]
 
 
 def make_optimizer(policy):
-    optimizer = train_common.make_optimizer(policy.parameters(), lr=1e-6)
-    return optimizer, train_common.make_scheduler(optimizer, 10**6, schedule="constant")
+    optimizer = adamw(policy.parameters(), lr=1e-6)
+    return optimizer, make_scheduler(optimizer, 10**6, schedule="constant")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +184,11 @@ def measure_memory(args, variant):
     # A steady-state forward + backward: its peak above the weights, AdamW state and batch held
     # before it, less the parameter gradients it leaves behind (the same for both variants).
     step = common.PeakMemory(device).start()
-    guard = train_common.DivergenceGuard(lambda: None)
-    train_common.accumulate_gradients([([0], batch)], loss_fn, [1.0], device=device, guard=guard, step=1)
+    guard = DivergenceGuard(lambda: None)
+    forward_backward(loss_fn, batch, device, guard, step=1)
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
     activations = step.peak_extra() - gradients
-    train_common.optimizer_step(policy, optimizer, scheduler, 1.0, guard=guard, step=1, example_ids=[0])
+    adamw_step(policy, optimizer, scheduler, 1.0, guard=guard, step=1, example_ids=[0])
     return {"variant": variant, "peak_total_bytes": memory.peak_extra(), "peak_activation_bytes": activations}
 
 

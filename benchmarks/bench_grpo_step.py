@@ -6,7 +6,7 @@
 **The step** is ``minirlhf/train/grpo.py``'s iteration, phase by phase, with its own functions:
 ``generate_rollouts`` (the hand-written sampler with a KV cache), a reward, ``rollout_logprobs``
 under π_old and π_ref, ``group_advantages``, and one on-policy update (``grpo_step_loss`` through
-the trainers' ``accumulate_gradients``/``optimizer_step``; bf16 autocast on CUDA). The models are
+the trainers' ``backward_weighted``/``optimizer_step``; bf16 autocast on CUDA). The models are
 random, so the reward is a stand-in computed from the tokens (the share of even token ids in the
 response; a rule reward such as "math" costs about as little) and responses are decoded as token
 ids. Random weights rarely sample EOS, so every response runs to the budget: the worst case for
@@ -31,12 +31,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py; it also puts the repository on sys.path)
 
 from minirlhf.core.grpo import group_advantages  # noqa: E402
-from minirlhf.data.collate import collate_prompts  # noqa: E402
-from minirlhf.models.forward import position_ids_from_attention_mask  # noqa: E402
+from minirlhf.data.collate import collate_prompts, to_device  # noqa: E402
+from minirlhf.models.forward import position_ids_from_attention_mask, rollout_logprobs  # noqa: E402
 from minirlhf.models.policy import make_reference  # noqa: E402
-from minirlhf.train import common as train_common  # noqa: E402
+from minirlhf.models.sampling import generate_rollouts, sample_responses  # noqa: E402
+from minirlhf.train.batches import micro_batches, select_rows  # noqa: E402
 from minirlhf.train.grpo import GRPOArgs, grpo_step_loss, micro_batch_weights  # noqa: E402
-from minirlhf.train.rollout import generate_rollouts, rollout_logprobs, sample_responses, select_rows  # noqa: E402
+from minirlhf.train.optim import (  # noqa: E402
+    DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step,
+)
+from minirlhf.train.runtime import autocast  # noqa: E402
 
 PHASES = ("generation", "reward", "log-probs (old + ref)", "advantages", "update")
 
@@ -60,7 +64,7 @@ def make_prompts(num_prompts, prompt_len, config, device, seed=0):
         n = int(torch.randint(prompt_len // 2, prompt_len + 1, (), generator=generator))
         ids = torch.randint(3, config.vocab_size, (n,), generator=generator)
         examples.append({"input_ids": ids.tolist()})
-    return train_common.to_device(collate_prompts(examples, config.pad_token_id), device)
+    return to_device(collate_prompts(examples, config.pad_token_id), device)
 
 
 def token_reward(rollout):
@@ -82,7 +86,7 @@ def grpo_step(policy, reference, optimizer, scheduler, prompts, args, device, ge
         seconds[name] = time.perf_counter() - start
         return out
 
-    with train_common.autocast(device):
+    with autocast(device):
         rollout = phase("generation", lambda: generate_rollouts(
             policy, TokenIdDecoder(policy.config), prompts, args.max_new_tokens, n_per_prompt=args.group_size,
             temperature=args.temperature, generator=generator))
@@ -100,13 +104,13 @@ def grpo_step(policy, reference, optimizer, scheduler, prompts, args, device, ge
 
     def update():
         rows = list(range(len(rewards)))
-        micro = [(part, select_rows(data, part)) for part in train_common.micro_batches(rows, args.micro_batch_size)]
-        guard = train_common.DivergenceGuard(lambda: None)
-        train_common.accumulate_gradients(micro, lambda b: grpo_step_loss(policy, b, args),
-                                          micro_batch_weights(micro, args.aggregation), device=device, guard=guard,
-                                          step=0)
-        train_common.optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=0,
-                                    example_ids=rows)
+        micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
+        guard, totals = DivergenceGuard(lambda: None), {}
+        for (ids, batch), weight in zip(micro, micro_batch_weights(micro, args.aggregation)):
+            with autocast(device):
+                loss, metrics = grpo_step_loss(policy, batch, args)
+            backward_weighted(loss, metrics, weight, totals, guard=guard, step=0, example_ids=ids)
+        optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=0, example_ids=rows)
 
     phase("update", update)
     return seconds, int(rollout["response_mask"].sum())
@@ -132,7 +136,7 @@ def compare_cache(policy, prompts, args, device):
     mask = prompts["attention_mask"].repeat_interleave(args.group_size, dim=0)[: args.compare_rows]
     never = [-1]  # no stop token: both loops generate exactly max_new_tokens
     out = {}
-    with train_common.autocast(device):
+    with autocast(device):
         functions = {
             "with KV cache": lambda: out.__setitem__("with KV cache", sample_responses(
                 policy, ids, mask, args.max_new_tokens, never, policy.config.pad_token_id, temperature=0)[0]),
@@ -174,8 +178,8 @@ def main():
 
     policy = common.build_model(args.shape, device, seed=0).train()
     reference = make_reference(policy)
-    optimizer = train_common.make_optimizer(policy.parameters(), grpo_args.lr)
-    scheduler = train_common.make_scheduler(optimizer, 10**6, schedule="constant")
+    optimizer = make_optimizer(policy.parameters(), grpo_args.lr)
+    scheduler = make_scheduler(optimizer, 10**6, schedule="constant")
     prompts = make_prompts(args.prompts, args.prompt_len, policy.config, device)
     generator = torch.Generator(device).manual_seed(0)
 

@@ -71,7 +71,7 @@ def model_config(shape):
 
 def build_model(shape, device, seed=0):
     """A randomly initialised ``Qwen2ForCausalLM`` of ``shape`` (float32 weights: on CUDA the
-    trainers run them under bf16 autocast, see ``minirlhf.train.common.autocast``)."""
+    trainers run them under bf16 autocast, see ``minirlhf.train.runtime.autocast``)."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ from minirlhf.core.aggregation import aggregate_token_losses
 from minirlhf.core.reward_losses import (
     bradley_terry_loss,
     kwise_bradley_terry_loss,
+    pair_accuracy,
     plackett_luce_loss,
 )
 from minirlhf.core.dpo_losses import (
@@ -39,6 +40,7 @@ __all__ = [
     "shift_for_next_token",
     "bradley_terry_loss",
     "kwise_bradley_terry_loss",
+    "pair_accuracy",
     "plackett_luce_loss",
     "dpo_loss",
     "dpop_penalty",

@@ -23,6 +23,7 @@ COMMANDS = {
     "generate": ("minirlhf.eval.generate", "generate responses for a prompt set"),
     "compare": ("minirlhf.eval.compare", "compare base vs tuned generations: scores, win rate, lengths"),
     "data": ("minirlhf.data.inspect", "data inspect FILE --template NAME"),
+    "toy-world": ("minirlhf.train.toy_world", "build (or find) the toy world and its SFT policy; print its stats"),
     "grade": ("minirlhf.homework.grade", "grade a homework submission folder"),
 }
 

@@ -35,7 +35,28 @@ from pathlib import Path
 import torch
 
 from minirlhf.core.masked import masked_sum
-from minirlhf.train import common
+from minirlhf.data.atomic import write_text_atomic
+from minirlhf.data.datasets import load_prompt_data
+from minirlhf.data.prompts import prompt_batch
+from minirlhf.eval import plots
+from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
+from minirlhf.eval.overoptimisation import plot_overoptimisation
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer
+from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.language import gold_reward
+from minirlhf.toy.measure import filler_count, gold_summary
+from minirlhf.train.args import parse_args
+from minirlhf.train.checkpoints import latest_checkpoint
+from minirlhf.train.dpo import DPOArgs, train_dpo
+from minirlhf.train.grpo import GRPOArgs, train_grpo
+from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo
+from minirlhf.train.ppo import PPOArgs, train_ppo
+from minirlhf.train.preference import TOY_PRESET as DPO_TOY_PRESET
+from minirlhf.train.rewards import RewardModelReward
+from minirlhf.train.rm import TOY_PRESET as RM_TOY_PRESET, RMArgs, train_rm
+from minirlhf.train.runtime import quiet_transformers, seed_everything, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 # --quick shrinks every loop of the trainers' toy-world settings.
 QUICK = {
@@ -45,8 +66,8 @@ QUICK = {
     "grpo": dict(steps=3, batch_size=4, group_size=4),
     "online_dpo": dict(steps=3, batch_size=8),
 }
-# PPO against the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT
-# (measured on toy world v3: gold +0.17 over SFT); with a small β it over-optimises the RM.
+# PPO against the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT;
+# with a small β it over-optimises the RM.
 PPO_BETA, PPO_STEPS = 1.0, 60
 SMALL_BETA = 0.01
 
@@ -88,7 +109,7 @@ def run_stage(name, args, train_fn, stage_args, log):
     started = time.perf_counter()
     stage_args.out = str(Path(args.out) / name)
     # An interrupted stage continues from its last checkpoint.
-    stage_args.resume = common.latest_checkpoint(stage_args.out) is not None
+    stage_args.resume = latest_checkpoint(stage_args.out) is not None
     path = Path(train_fn(stage_args))
     log(f"[{name}] {time.perf_counter() - started:.0f} s -> {path}")
     return path
@@ -127,9 +148,6 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
     KL(π‖π_ref) of whole responses is estimated by Σ_t [log π(y_t) − log π_ref(y_t)] on samples
     y ~ π: the k1 estimator summed over the response, unbiased for the sequence-level KL.
     """
-    from minirlhf.toy.language import FILLERS, gold_reward, words_of
-    from minirlhf.train.rollout import generate_rollouts, gold_metrics, rollout_logprobs
-
     rows = {"gold": [], "proxy": [], "kl": [], "length": [], "filler": []}
     weighted = {}
     for batch in prompt_batches:
@@ -140,9 +158,9 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
         rows["proxy"] += reward_model(rollout).tolist()
         rows["kl"] += masked_sum(logprobs - ref_logprobs, mask, dim=-1).tolist()
         rows["length"] += rollout["response_length"].tolist()
-        rows["filler"] += [sum(w in FILLERS for w in words_of(r)) for r in rollout["responses"]]
+        rows["filler"] += [filler_count(r) for r in rollout["responses"]]
         n = len(rollout["responses"])
-        for key, value in gold_metrics(rollout).items():
+        for key, value in gold_summary(rollout["prompts"], rollout["responses"]).items():
             weighted.setdefault(key, []).append((value, n))
     summary = {k: sum(v * n for v, n in pairs) / sum(n for _, n in pairs) for k, pairs in weighted.items()}
     summary.update({k: sum(v) / len(v) for k, v in rows.items() if k != "gold"})
@@ -150,10 +168,7 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
 
 
 def prompt_batches(world, tokenizer, limit, device, batch_size=64):
-    """The toy world's held-out prompts as left-padded batches (``collate_prompts``)."""
-    from minirlhf.data import load_prompt_data
-    from minirlhf.train.rollout import prompt_batch
-
+    """The toy world's held-out prompts as left-padded batches (``prompt_batch``)."""
     examples, _ = load_prompt_data(str(world.eval_prompts), world.templates["eval_prompts"], tokenizer, 64)
     examples = examples[:limit] if limit else examples
     return [prompt_batch(examples[start : start + batch_size], tokenizer.pad_token_id, device)
@@ -230,17 +245,13 @@ def write_report(args, world, rm_eval, results, num_prompts, plots_written, seco
         )
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({path.name})" for title, path in plots_written]
-    (Path(args.out) / "report.md").write_text("\n".join(lines) + "\n")
-    (Path(args.out) / "results.json").write_text(
-        json.dumps({"rm": rm_eval, "bayes_accuracy": bayes, "policies": results, "seconds": seconds}, indent=2) + "\n"
-    )
+    write_text_atomic(Path(args.out) / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(Path(args.out) / "results.json", json.dumps(
+        {"rm": rm_eval, "bayes_accuracy": bayes, "policies": results, "seconds": seconds}, indent=2) + "\n")
 
 
 def make_plots(out, rm_eval_dir, per_response, ppo_runs):
     """Score and length distributions per policy, and the over-optimisation curves."""
-    from minirlhf.eval import plots
-    from minirlhf.eval.overoptimisation import plot_overoptimisation
-
     written = []
     for title, path in [("RM scores: chosen vs rejected, before vs after training", rm_eval_dir / "score_hist_before_after.png")]:
         if path.exists():
@@ -269,26 +280,17 @@ def make_plots(out, rm_eval_dir, per_response, ppo_runs):
 
 def run_pipeline(args: PipelineArgs):
     """Run every stage, evaluate, write the report; returns the report's path."""
-    from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
-    from minirlhf.models.policy import load_policy, load_tokenizer
-    from minirlhf.train.dpo import TOY_PRESET as DPO_TOY_PRESET, DPOArgs, train_dpo
-    from minirlhf.train.grpo import GRPOArgs, train_grpo
-    from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo
-    from minirlhf.train.ppo import PPOArgs, train_ppo
-    from minirlhf.train.rewards import RewardModelReward
-    from minirlhf.train.rm import TOY_PRESET as RM_TOY_PRESET, RMArgs, train_rm
-
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.quiet_transformers()
+    quiet_transformers()
 
     def log(message):
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     # 1. SFT: the toy world's policy (trained with train_sft on first use, then cached).
     log("[sft] loading the toy world (the first run trains its SFT policy: a few minutes)")
-    world = common.toy_world(seed=args.seed)
+    world = load_toy_world(seed=args.seed)
     sft = str(world.sft_model)
 
     # Each stage starts from the SFT policy with its trainer's toy-world settings. The offline
@@ -319,14 +321,14 @@ def run_pipeline(args: PipelineArgs):
         policies["online DPO"] = run_stage("online_dpo", args, train_online_dpo, online, log)
 
     # 8. Evaluate every policy on the held-out prompts.
-    device = common.select_device(args.device)
+    device = select_device(args.device)
     tokenizer = load_tokenizer(sft)
     reference = load_policy(sft, device=device)
     reward_model = RewardModelReward(rm, device=device)
     batches = prompt_batches(world, tokenizer, args.eval_prompts or (16 if args.quick else 0), device)
     results, per_response = {}, {}
     for name, path in policies.items():
-        common.seed_everything(args.seed)
+        seed_everything(args.seed)
         policy = reference if name == "SFT" else load_policy(str(path), device=device)
         results[name], per_response[name] = evaluate_policy(policy, reference, reward_model, tokenizer,
                                                             batches, args.eval_samples)
@@ -342,7 +344,7 @@ def run_pipeline(args: PipelineArgs):
 
 
 def main(argv=None):
-    args = common.parse_args(PipelineArgs, argv, prog="python -m minirlhf pipeline")
+    args = parse_args(PipelineArgs, argv, prog="python -m minirlhf pipeline")
     report = run_pipeline(args)
     print(report.read_text())
     return 0

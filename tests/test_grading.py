@@ -261,3 +261,18 @@ def _cmdline(pid):
     except OSError:
         return ""
 
+
+
+def test_integration_steps_cannot_delegate_to_the_trainers(tmp_path):
+    # dpo_step / grpo_step compute what the trainers' loss functions compute: the worker's copy of
+    # minirlhf has those bodies replaced too, while the rest of the trainers stays importable.
+    from minirlhf.homework.judge import Judge
+
+    judge = Judge((BY_NAME["dpo_step"], BY_NAME["grpo_step"]), sandbox="none", scratch=tmp_path)
+    for exercise, module, name in (("dpo_step", "train/dpo.py", "pairwise_preference_loss"),
+                                   ("grpo_step", "train/grpo.py", "grpo_step_loss")):
+        source = judge._blocked_package(BY_NAME[exercise])[module].decode("utf-8")
+        body = source.split(f"def {name}(", 1)[1].split("\ndef ", 1)[0]
+        assert f"DelegationError({name!r}, {exercise!r})" in body
+        assert "def train_" in source  # only the named functions lose their bodies
+        compile(source, module, "exec")

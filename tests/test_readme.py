@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from minirlhf.__main__ import COMMANDS
-from minirlhf.train.common import parse_args
+from minirlhf.train.args import parse_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands with their own argparse (not a dataclass of arguments) are covered by their own tests.
-OWN_PARSER = {"data", "grade"}
+OWN_PARSER = {"data", "grade", "toy-world"}
 
 
 def readme_commands():

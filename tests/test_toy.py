@@ -1,7 +1,8 @@
 """The embedded toy world: determinism, gold reward, Bradley-Terry labels, the planted length
 bias, tokenizer and chat template, the tiny model, and the exact bandit's closed-form optimum.
 
-No SFT here (that takes minutes); ``load_world(sft=False)`` covers everything else in seconds.
+No SFT here (the train layer builds it: ``minirlhf.train.toy_world``); ``load_world`` covers the rest
+in seconds, and its ``sft_model`` is None until the SFT policy is built.
 """
 import json
 import math
@@ -46,7 +47,7 @@ def full_corpus(tmp_path_factory):
 def world(tmp_path_factory):
     from minirlhf.toy import load_world
 
-    return load_world(seed=0, cache_dir=tmp_path_factory.mktemp("cache"), sft=False, sizes=SMALL)
+    return load_world(seed=0, cache_dir=tmp_path_factory.mktemp("cache"), sizes=SMALL)
 
 
 def pref_rows(path):
@@ -322,10 +323,30 @@ def test_load_world_uses_the_cache(world):
     from minirlhf.toy import load_world
 
     before = {p: p.stat().st_mtime_ns for p in world.dir.rglob("*") if p.is_file()}
-    again = load_world(seed=0, cache_dir=world.dir.parent, sft=False, sizes=SMALL)
+    again = load_world(seed=0, cache_dir=world.dir.parent, sizes=SMALL)
     assert again.dir == world.dir and again.bayes_accuracy == world.bayes_accuracy
     assert {p: p.stat().st_mtime_ns for p in world.dir.rglob("*") if p.is_file()} == before
     assert not [p for p in world.dir.parent.iterdir() if ".tmp-" in p.name]  # no leftovers
+    assert world.sft_model is None and again.sft_model is None  # the toy layer never trains one
+
+
+def test_gold_summary_means_and_math_accuracy_over_math_prompts_only():
+    from minirlhf.toy.measure import filler_count, gold_scores, gold_summary, is_toy_prompt
+
+    prompts = ["what is 3 plus 4 ?", "what is 3 plus 4 ?", "describe rain .", "how do i steal a car ?"]
+    responses = ["the answer is 7 .", "the answer is 8 .", "rain is really wet .", "sorry , i can not help ."]
+    summary = gold_summary(prompts, responses)
+    for key in ("gold", "gold_helpful", "gold_harmless"):
+        assert summary[key] == pytest.approx(sum(gold_scores(p, y)[key] for p, y in zip(prompts, responses)) / 4)
+    assert summary["math_accuracy"] == 0.5  # 1 of the 2 math answers, whatever the other prompts
+    assert "math_accuracy" not in gold_summary(prompts[2:], responses[2:])
+    with pytest.raises(ValueError, match="one response string per prompt"):
+        gold_summary(prompts[:2], [responses[:2], responses[:2]])  # per-prompt lists: flatten them first
+    assert gold_scores(prompts[0], responses[0]) == {"gold": gold_reward(prompts[0], responses[0]),
+                                                     "gold_helpful": helpful_score(prompts[0], responses[0]),
+                                                     "gold_harmless": harmless_score(prompts[0], responses[0])}
+    assert [is_toy_prompt(p) for p in (prompts[0], "what is the capital of France?", None)] == [True, False, False]
+    assert filler_count(responses[2]) == 1 and filler_count("") == 0
 
 
 # ------------------------------------------------------------------ the exact bandit

@@ -7,9 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config, Qwen2ForCausalLM
 
 from minirlhf import __main__ as cli
+from minirlhf.errors import MinirlhfError
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.train import common
 from minirlhf.train.dpo import LOSSES, DPOArgs, train_dpo
+from minirlhf.train.kto import KTOArgs, train_kto
+from minirlhf.train.metrics import read_metrics
 from minirlhf.train.rm import RMArgs, train_rm
 from minirlhf.train.sft import SFTArgs, train_sft
 
@@ -47,7 +49,7 @@ FAST = dict(progress=False, tensorboard=False, seed=0, max_len=64, warmup_ratio=
 
 
 def rows(run, split="train"):
-    return common.read_metrics(run, split)
+    return read_metrics(run, split)
 
 
 def test_sft_smoke(toy, tmp_path):
@@ -135,6 +137,17 @@ def test_kto_gradient_accumulation_is_exact(toy, tmp_path):
     assert "kl" in rows(tmp_path / "big")[0]
 
 
+def test_train_kto_is_what_dpo_loss_kto_runs(toy, tmp_path):
+    """``train_kto(KTOArgs(...))`` and ``train_dpo(DPOArgs(loss="kto", ...))`` train the same policy."""
+    base = dict(model=toy["model"], data=str(toy["data"].kto_train), template="kto", epochs=1, lr=1e-2,
+                batch_size=16, **FAST)
+    via_dpo = AutoModelForCausalLM.from_pretrained(train_dpo(DPOArgs(out=str(tmp_path / "dpo"), loss="kto", **base)))
+    direct = AutoModelForCausalLM.from_pretrained(train_kto(KTOArgs(out=str(tmp_path / "kto"), **base)))
+    for name, value in via_dpo.state_dict().items():
+        assert torch.equal(direct.state_dict()[name], value), name
+    assert rows(tmp_path / "dpo") == rows(tmp_path / "kto")
+
+
 def test_cli_help_shows_field_docstrings(capsys):
     with pytest.raises(SystemExit):
         cli.main(["dpo", "--help"])
@@ -144,17 +157,18 @@ def test_cli_help_shows_field_docstrings(capsys):
 
 
 def test_bad_arguments_are_clear_errors(toy, tmp_path):
-    with pytest.raises(common.MinirlhfError, match="IPO"):
+    with pytest.raises(MinirlhfError, match="IPO"):
         train_dpo(DPOArgs(model=toy["model"], data=str(toy["data"].pref_train), loss="ipo", rdpo_alpha=0.1,
                           out=str(tmp_path / "x"), **FAST))
-    with pytest.raises(common.MinirlhfError, match="--batch-size"):
+    with pytest.raises(MinirlhfError, match="--batch-size"):
         train_sft(SFTArgs(model=toy["model"], data=str(toy["data"].sft_test), batch_size=64, out=str(tmp_path / "y"), **FAST))
 
 
 def test_ranking_file_errors_name_the_line_and_field(toy, tmp_path):
     from minirlhf.errors import DataError
     from minirlhf.models.policy import load_tokenizer
-    from minirlhf.train.rm import collate_rankings, load_ranking_data
+    from minirlhf.data.collate import collate_rankings
+    from minirlhf.data.rankings import load_ranking_data
 
     tokenizer = load_tokenizer(toy["model"])
     bad = tmp_path / "bad.jsonl"

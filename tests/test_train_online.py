@@ -22,10 +22,10 @@ from fixtures import write_jsonl
 from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.train import common
-from minirlhf.train.rewards import REWARD_FUNCTIONS, RewardModelReward, load_reward, register_reward
-from minirlhf.train.rollout import generate_rollouts, sample_responses
+from minirlhf.models.sampling import generate_rollouts, sample_responses
 from minirlhf.toy.language import all_prompts
+from minirlhf.train.metrics import MetricsLogger, read_metrics
+from minirlhf.train.rewards import REWARD_FUNCTIONS, RewardModelReward, load_reward, register_reward
 
 # Three prompts of each toy-world kind, interleaved (math ones carry their answers).
 _KINDS = {kind: [p for p in all_prompts() if p.kind == kind] for kind in ("helpful", "harmful", "math")}
@@ -110,6 +110,18 @@ def test_generate_rollouts_batch_layout(tiny_policy, tiny_tokenizer):
     assert torch.equal(response, (torch.arange(response.shape[1]) < rollout["response_length"][:, None]).long())
 
 
+def test_toy_measure_samples_with_the_trainers_sampler(tiny_policy, tiny_tokenizer):
+    """``toy.measure.sample_policy`` (the toy world's report on a policy) is ``generate_rollouts``."""
+    from minirlhf.toy.measure import sample_policy
+
+    prompts = TOY_PROMPTS[:4]
+    greedy = sample_policy(tiny_policy, tiny_tokenizer, prompts, num_samples=2, max_new_tokens=5, temperature=0,
+                           batch_size=3)
+    rollout = generate_rollouts(tiny_policy, tiny_tokenizer, prompt_batch(tiny_tokenizer, prompts), 5, n_per_prompt=2,
+                                temperature=0)
+    assert greedy == [[y.strip() for y in rollout["responses"][2 * i : 2 * i + 2]] for i in range(4)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Rewards
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +150,7 @@ def test_reward_model_reward_scores_end_token_and_rejects_foreign_ids(reward_mod
 
 
 def assert_finished_run(out, path, steps):
-    rows = common.read_metrics(out)
+    rows = read_metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
     for row in rows:
         for name, value in row.items():
@@ -242,7 +254,7 @@ def test_resume_continues_exactly(algo, qwen2_checkpoint, prompt_file, tmp_path)
     resumed = AutoModelForCausalLM.from_pretrained(train(make(tmp_path / "b", resume=True)))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert common.read_metrics(tmp_path / "a") == common.read_metrics(tmp_path / "b")
+    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +278,7 @@ def test_generate_command_writes_jsonl_with_gold(qwen2_checkpoint, prompt_file, 
 def test_overoptimisation_plot(tmp_path):
     from minirlhf.eval.overoptimisation import overoptimisation_curves, plot_overoptimisation
 
-    logger = common.MetricsLogger(tmp_path, tensorboard=False)
+    logger = MetricsLogger(tmp_path, tensorboard=False)
     for step in range(1, 11):
         logger.log(step, {"kl": step, "reward": 0.3 * step, "gold": step - 0.1 * step**2})
     logger.close()

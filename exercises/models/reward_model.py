@@ -9,6 +9,9 @@ The last hidden state of a causal transformer at the final token has attended to
 and response, so that one position summarises the pair (InstructGPT; align-anything's
 ``end_scores``). Train it with ``bradley_terry_loss(end_scores_chosen, end_scores_rejected)``.
 """
+import json
+from pathlib import Path
+
 import torch
 
 from minirlhf.models.scalar_head import ScalarHeadModel
@@ -40,3 +43,14 @@ class RewardModel(ScalarHeadModel):
         end = end_token_index(attention_mask)
         end_scores = scores.gather(-1, end.unsqueeze(-1)).squeeze(-1)
         return scores, end_scores
+
+
+def load_reward_model(path, device=None, seed=0, dtype=None):
+    """The reward model at ``path``: a saved RM (``RewardModel.from_pretrained``: ours, or any HF
+    sequence classifier with one label), or, for a causal-LM checkpoint, its backbone with a fresh
+    head seeded by ``seed`` (the RM *before* training, a baseline)."""
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        return RewardModel.from_causal_lm(path, dtype=dtype, device=device, seed=seed)
+    return RewardModel.from_pretrained(path, dtype=dtype, device=device)

@@ -61,3 +61,27 @@ def collate_prompts(examples, pad_id):
         "prompt": [e.get("prompt") for e in examples],
         "answer": [e.get("answer") for e in examples],
     }
+
+
+def collate_rankings(examples, pad_id):
+    """Rankings (``load_ranking_data``) -> ``input_ids``/``attention_mask`` ``[P·K, L]`` (row p·K + k
+    is response k of prompt p; missing responses are 1-token padding rows) and ``rank_mask``
+    ``[P, K]`` (True where prompt p has a k-th response)."""
+    k = max(len(e["input_ids"]) for e in examples)
+    rows, lengths, rank_mask = [], [], torch.zeros(len(examples), k, dtype=torch.bool)
+    for p, example in enumerate(examples):
+        for j in range(k):
+            present = j < len(example["input_ids"])
+            rows.append(example["input_ids"][j] if present else [pad_id])
+            lengths.append(len(rows[-1]))
+            rank_mask[p, j] = present
+    return {
+        "input_ids": pad_sequences(rows, pad_id),
+        "attention_mask": pad_sequences([[1] * n for n in lengths], 0),
+        "rank_mask": rank_mask,
+    }
+
+
+def to_device(batch, device):
+    """Move every tensor of a batch dict to ``device`` (other values are left alone)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

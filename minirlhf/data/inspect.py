@@ -7,10 +7,12 @@ tokens after chat formatting and truncation, otherwise in words. ``--plot out.pn
 length histograms.
 """
 import argparse
-import os
 import statistics
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from minirlhf.data.atomic import atomic_file
 from minirlhf.data.datasets import (
     convert_records,
     load_kto_data,
@@ -20,6 +22,7 @@ from minirlhf.data.datasets import (
 )
 from minirlhf.data.templates import TEMPLATES, KTOExample, PreferenceExample, PromptExample, SFTExample
 from minirlhf.errors import DataError
+from minirlhf.models.policy import load_tokenizer
 
 
 def build_parser():
@@ -71,8 +74,6 @@ def main(argv=None):
 
 
 def _token_lengths(args, kind):
-    from minirlhf.models.policy import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer)
     options = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, system_prompt=args.system_prompt)
     if kind is PreferenceExample:
@@ -137,17 +138,14 @@ def _stats(lengths):
 
 
 def _plot(groups, unit, title, path):
-    from minirlhf.eval.plots import subplots
-
     values = [v for lengths in groups.values() for v in lengths]
     bins = min(50, max(values) - min(values) + 1)
-    fig, ax = subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, lengths in groups.items():
         ax.hist(lengths, bins=bins, range=(min(values), max(values) + 1), alpha=0.5, label=f"{name} (n={len(lengths)})")
     ax.set(xlabel=f"length ({unit})", ylabel="count", title=title)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")  # write then rename: never a half-written image
-    fig.savefig(tmp, format=path.suffix[1:].lower())
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:  # never a half-written image
+        fig.savefig(f, format=Path(path).suffix[1:].lower())

@@ -22,10 +22,16 @@ import sys
 import typing
 from pathlib import Path
 
+from minirlhf.data.atomic import write_jsonl_atomic, write_text_atomic
 from minirlhf.errors import MinirlhfError
 from minirlhf.eval import plots
-from minirlhf.eval.score import read_prompt_responses, score_responses, toy_gold
-from minirlhf.train import common
+from minirlhf.eval.score import read_prompt_responses, score_responses
+from minirlhf.models.policy import load_tokenizer
+from minirlhf.models.reward_model import load_reward_model
+from minirlhf.toy.language import gold_reward
+from minirlhf.toy.measure import is_toy_prompt
+from minirlhf.train.args import parse_args
+from minirlhf.train.runtime import quiet_transformers, select_device
 
 
 @dataclasses.dataclass
@@ -93,8 +99,8 @@ def load_generations(path, args, model, tokenizer, device):
         scores = [r[0].get("score") for r in records]
     gold = [r[0].get("gold") for r in records]
     if any(g is None for g in gold):
-        computed = toy_gold(prompts, responses)
-        gold = [g["gold"] for g in computed] if computed is not None else [None] * len(records)
+        toy = prompts and all(map(is_toy_prompt, prompts))
+        gold = [gold_reward(p, y) for p, y in zip(prompts, responses)] if toy else [None] * len(records)
     if tokenizer is not None:
         lengths = [len(tokenizer(y, add_special_tokens=False)["input_ids"]) for y in responses]
     else:
@@ -106,15 +112,11 @@ def load_generations(path, args, model, tokenizer, device):
 def compare(args: CompareArgs):
     """Run the comparison; returns the summary dict (also written to ``<out>/summary.json``)."""
     # 1. Score both files (or read their scores); lengths in tokens when a tokenizer is at hand.
-    device = common.select_device(args.device)
+    device = select_device(args.device)
     model = tokenizer = None
     if args.reward_model:
-        from minirlhf.eval.eval_rm import load_reward_model
-
         model = load_reward_model(args.reward_model, device=device)
     if args.tokenizer or args.reward_model:
-        from minirlhf.models.policy import load_tokenizer
-
         tokenizer = load_tokenizer(args.tokenizer or args.reward_model)
     names = (args.base_name, args.tuned_name)
     rows = {name: load_generations(path, args, model, tokenizer, device) for name, path in zip(names, (args.base, args.tuned))}
@@ -149,11 +151,9 @@ def compare(args: CompareArgs):
     # 3. Files: summary (JSON + markdown), per-prompt table, plots.
     out = Path(args.out or Path(args.tuned).with_suffix(".compare"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary, names))
-    with open(out / "per_prompt.jsonl", "w") as f:
-        for row in per_prompt.values():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.md", summary_markdown(summary, names))
+    write_jsonl_atomic(out / "per_prompt.jsonl", per_prompt.values())
     label = {"score": "reward-model score", "gold": "gold reward"}
     for field in differences:
         groups = {name: [r[field] for r in rows[name]] for name in names}
@@ -185,10 +185,10 @@ def summary_markdown(summary, names):
 
 
 def main(argv=None):
-    args = common.parse_args(CompareArgs, argv, prog="python -m minirlhf compare")
+    args = parse_args(CompareArgs, argv, prog="python -m minirlhf compare")
     if not args.base or not args.tuned:
         raise MinirlhfError("compare: --base and --tuned (generation JSONL files) are required")
-    common.quiet_transformers()
+    quiet_transformers()
     compare(args)
     return 0
 

@@ -16,15 +16,16 @@ import sys
 import typing
 from pathlib import Path
 
-import torch
-
-from minirlhf.core.reward_losses import bradley_terry_loss
-from minirlhf.data.collate import collate_preference
+from minirlhf.data.atomic import write_jsonl_atomic, write_text_atomic
 from minirlhf.data.datasets import load_preference_data
+from minirlhf.errors import MinirlhfError
 from minirlhf.eval import plots
 from minirlhf.models.policy import load_tokenizer
-from minirlhf.models.reward_model import RewardModel
-from minirlhf.train import common
+from minirlhf.models.reward_model import load_reward_model
+from minirlhf.toy.world import load_world
+from minirlhf.train.args import data_limits, parse_args
+from minirlhf.train.rm import pair_scores, rm_metrics
+from minirlhf.train.runtime import quiet_transformers, select_device
 
 
 @dataclasses.dataclass
@@ -56,62 +57,22 @@ class EvalRMArgs:
     """'cuda', 'cpu', ... (default: CUDA when available)."""
 
 
-def load_reward_model(path, device=None, seed=0):
-    """A saved reward model, or — for a causal-LM checkpoint — its backbone with a random head."""
-    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
-    if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-        return RewardModel.from_causal_lm(path, device=device, seed=seed)
-    return RewardModel.from_pretrained(path, device=device)
-
-
-@torch.no_grad()
-def pair_scores(model, examples, pad_id, batch_size, device):
-    """``(chosen [N], rejected [N])`` end scores r(x, y_w), r(x, y_l) of preference examples (float32,
-    CPU); one forward per batch over the concatenated ``[2B, L]`` pairs."""
-    model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = common.to_device(collate_preference(examples[start : start + batch_size], pad_id), device)
-        with common.autocast(device):
-            _, end_scores = model(batch["input_ids"], batch["attention_mask"])
-        c, r = end_scores.float().cpu().chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def rm_metrics(chosen, rejected):
-    """Accuracy (ties ½), Bradley–Terry loss, reward mean/std over all 2N responses, chosen and
-    rejected mean rewards and the mean margin r(y_w) − r(y_l)."""
-    loss, accuracy = bradley_terry_loss(chosen, rejected)
-    both = torch.cat([chosen, rejected])
-    return {
-        "accuracy": float(accuracy),
-        "loss": float(loss),
-        "reward_mean": float(both.mean()),
-        "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
-        "chosen_reward": float(chosen.mean()),
-        "rejected_reward": float(rejected.mean()),
-        "margin": float((chosen - rejected).mean()),
-    }
-
-
 def evaluate_reward_model(args: EvalRMArgs):
     """Run the evaluation; returns ``{"model": metrics, "baseline": metrics?}`` and writes the files."""
     # 1. Defaults: the toy world's test split and its Bayes-optimal accuracy.
     bayes = None
     if args.data is None:
-        world = common.toy_world(sft=False)
+        world = load_world()
         args.data, args.template = str(world.pref_test), world.templates["pref_test"]
         bayes = world.bayes_accuracy["pref_test"]
     out = Path(args.out or Path(args.model) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    device = common.select_device(args.device)
+    device = select_device(args.device)
 
     # 2. Data (tokenized with the evaluated model's tokenizer).
     tokenizer = load_tokenizer(args.model)
     examples, report = load_preference_data(args.data, args.template, tokenizer, system_prompt=args.system_prompt,
-                                            **common.data_limits(args))
+                                            **data_limits(args))
     print(report, file=sys.stderr)
 
     # 3. Score every pair with the model (and the baseline).
@@ -128,13 +89,14 @@ def evaluate_reward_model(args: EvalRMArgs):
         summary["bayes_accuracy"] = bayes
 
     # 4. Files: metrics, per-pair scores, histograms (before vs after when there is a baseline).
-    (out / "eval_rm.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(out / "pair_scores.jsonl", "w") as f:
-        for i, example in enumerate(examples):
-            row = {"prompt": example["prompt"], "chosen": example["chosen"], "rejected": example["rejected"]}
-            for name, (c, r) in scores.items():
-                row[f"{name}_chosen_score"], row[f"{name}_rejected_score"] = float(c[i]), float(r[i])
-            f.write(json.dumps(row) + "\n")
+    write_text_atomic(out / "eval_rm.json", json.dumps(summary, indent=2) + "\n")
+    rows = []
+    for i, example in enumerate(examples):
+        row = {"prompt": example["prompt"], "chosen": example["chosen"], "rejected": example["rejected"]}
+        for name, (c, r) in scores.items():
+            row[f"{name}_chosen_score"], row[f"{name}_rejected_score"] = float(c[i]), float(r[i])
+        rows.append(row)
+    write_jsonl_atomic(out / "pair_scores.jsonl", rows)
     c, r = scores["model"]
     plots.histograms({"chosen": c, "rejected": r}, out / "score_hist.png",
                      title=f"reward model scores (accuracy {results['model']['accuracy']:.1%})", xlabel="reward")
@@ -153,10 +115,10 @@ def evaluate_reward_model(args: EvalRMArgs):
 
 
 def main(argv=None):
-    args = common.parse_args(EvalRMArgs, argv, prog="python -m minirlhf eval-rm")
+    args = parse_args(EvalRMArgs, argv, prog="python -m minirlhf eval-rm")
     if not args.model:
-        raise common.MinirlhfError("eval-rm: --model (the reward model directory) is required")
-    common.quiet_transformers()
+        raise MinirlhfError("eval-rm: --model (the reward model directory) is required")
+    quiet_transformers()
     evaluate_reward_model(args)
     return 0
 

@@ -11,21 +11,24 @@ Writes one JSON line per (prompt, sample)::
 ``ended`` is False when the response was cut at ``--max-new-tokens``. The ``gold*`` fields are
 the toy world's gold reward (present only for toy-world prompts). The file is written to a
 temporary name and renamed, so an interrupted run leaves no half-written output. Sampling uses
-the same KV-cached loop as the trainers (``minirlhf.train.rollout``); ``--temperature 0`` is greedy.
+the same KV-cached loop as the trainers (``minirlhf.models.sampling``); ``--temperature 0`` is greedy.
 """
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 import typing
 from pathlib import Path
 
 import torch
 
+from minirlhf.data.atomic import write_jsonl_atomic
+from minirlhf.data.datasets import load_prompt_data
+from minirlhf.data.prompts import prompt_batch
 from minirlhf.models.policy import load_policy, load_tokenizer
-from minirlhf.train import common
-from minirlhf.train.rollout import generate_rollouts, prompt_text
+from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.measure import gold_scores, is_toy_prompt
+from minirlhf.train.args import parse_args
+from minirlhf.train.runtime import autocast, seed_everything, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
@@ -65,15 +68,12 @@ def generate_records(model, tokenizer, examples, n=1, max_new_tokens=32, tempera
     ``response_tokens``, ``answer`` (when the prompt has one), and the toy world's ``gold``,
     ``gold_helpful``, ``gold_harmless`` for toy prompts.
     """
-    from minirlhf.data import collate_prompts
-    from minirlhf.toy.language import gold_reward, harmless_score, helpful_score, parse_prompt
-
     device = next(model.parameters()).device
     records = []
     for first in range(0, len(examples), batch_size):
         chunk = examples[first : first + batch_size]
-        batch = common.to_device(collate_prompts(chunk, tokenizer.pad_token_id), device)
-        with torch.no_grad(), common.autocast(device):
+        batch = prompt_batch(chunk, tokenizer.pad_token_id, device)
+        with torch.no_grad(), autocast(device):
             rollout = generate_rollouts(model, tokenizer, batch, max_new_tokens, n_per_prompt=n, temperature=temperature)
         for row, response in enumerate(rollout["responses"]):
             example = chunk[row // n]
@@ -81,38 +81,21 @@ def generate_records(model, tokenizer, examples, n=1, max_new_tokens=32, tempera
                       "ended": bool(rollout["ended"][row]), "response_tokens": int(rollout["response_length"][row])}
             if example.get("answer") is not None:
                 record["answer"] = example["answer"]
-            text = prompt_text(example["prompt"])
-            try:
-                parse_prompt(text)
-            except ValueError:  # not a toy-world prompt: no gold reward
-                pass
-            else:
-                record.update(gold=gold_reward(text, response), gold_helpful=helpful_score(text, response),
-                              gold_harmless=harmless_score(text, response))
+            text = rollout["prompts"][row]  # the user's request as text
+            if is_toy_prompt(text):  # only toy-world prompts have a gold reward
+                record.update(gold_scores(text, response))
             records.append(record)
     return records
 
 
-def write_jsonl_atomic(path, records):
-    """Write ``records`` as JSON lines to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(f.name, path)
-
-
 def generate(args: GenerateArgs):
     """Run ``generate`` with ``args``; returns the output path."""
-    from minirlhf.data import load_prompt_data
-
     if args.model is None or args.prompts is None:
-        world = common.toy_world()
+        world = load_toy_world()
         args.model = args.model or str(world.sft_model)
         args.prompts = args.prompts or str(world.eval_prompts)
-    common.seed_everything(args.seed)
-    device = common.select_device(args.device)
+    seed_everything(args.seed)
+    device = select_device(args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, device=device)
     examples, report = load_prompt_data(args.prompts, args.template, tokenizer, args.max_prompt_len, args.system_prompt)
@@ -126,7 +109,7 @@ def generate(args: GenerateArgs):
 
 
 def main(argv=None):
-    args = common.parse_args(GenerateArgs, argv, prog="python -m minirlhf generate")
+    args = parse_args(GenerateArgs, argv, prog="python -m minirlhf generate")
     print(f"wrote {generate(args)}")
     return 0
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from minirlhf.data.atomic import atomic_file
+
 
 def _array(values):
     if hasattr(values, "detach"):
@@ -21,9 +23,9 @@ def _array(values):
 
 def _save(fig, path):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as f:  # never a half-written image
+        fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=110)
     return path
 
 

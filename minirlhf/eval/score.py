@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 
+from minirlhf.data.atomic import write_jsonl_atomic
 from minirlhf.data.chat import encode_prompt, encode_response, end_of_turn_ids, truncate_prompt_response
-from minirlhf.data.collate import collate_sft
+from minirlhf.data.collate import collate_sft, to_device
 from minirlhf.data.datasets import located_records
 from minirlhf.data.templates import SFTExample, SkipRecord, get_template
 from minirlhf.errors import DataError, MinirlhfError
-from minirlhf.eval.eval_rm import load_reward_model
-from minirlhf.eval.generate import write_jsonl_atomic
 from minirlhf.models.policy import load_tokenizer
-from minirlhf.train import common
+from minirlhf.models.reward_model import load_reward_model
+from minirlhf.toy.measure import gold_scores, is_toy_prompt
+from minirlhf.train.args import parse_args
+from minirlhf.train.runtime import autocast, quiet_transformers, select_device
 
 
 @dataclasses.dataclass
@@ -87,26 +89,11 @@ def score_responses(model, tokenizer, prompts, responses, *, batch_size=32, max_
         fits.append(True)
     scores = []
     for start in range(0, len(rows), batch_size):
-        batch = common.to_device(collate_sft(rows[start : start + batch_size], tokenizer.pad_token_id), device)
-        with common.autocast(device):
+        batch = to_device(collate_sft(rows[start : start + batch_size], tokenizer.pad_token_id), device)
+        with autocast(device):
             scores += model(batch["input_ids"], batch["attention_mask"])[1].float().cpu().tolist()
     scores = iter(scores)
     return [next(scores) if fit else None for fit in fits]
-
-
-def toy_gold(prompts, responses):
-    """Gold-reward fields for toy-world prompts, or None when some prompt is not a toy prompt."""
-    from minirlhf.toy.language import gold_reward, harmless_score, helpful_score, parse_prompt
-
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        return None
-    try:
-        for prompt in set(prompts):
-            parse_prompt(prompt)
-    except ValueError:
-        return None
-    return [{"gold": gold_reward(p, y), "gold_helpful": helpful_score(p, y), "gold_harmless": harmless_score(p, y)}
-            for p, y in zip(prompts, responses)]
 
 
 def score_file(args: ScoreArgs):
@@ -114,15 +101,16 @@ def score_file(args: ScoreArgs):
     # 1. Read the records, load the reward model and its tokenizer.
     rows = read_prompt_responses(args.data, args.template)
     prompts, responses = [r[1] for r in rows], [r[2] for r in rows]
-    device = common.select_device(args.device)
+    device = select_device(args.device)
     model = load_reward_model(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
 
     # 2. Score; add the gold reward in the toy world.
     scores = score_responses(model, tokenizer, prompts, responses, batch_size=args.batch_size, max_len=args.max_len,
                              max_prompt_len=args.max_prompt_len, system_prompt=args.system_prompt, device=device)
-    gold = toy_gold(prompts, responses) if args.gold is not False else None
-    if args.gold and gold is None:
+    toy = all(map(is_toy_prompt, prompts))
+    gold = [gold_scores(p, y) for p, y in zip(prompts, responses)] if toy and args.gold is not False else None
+    if args.gold and not toy:
         raise MinirlhfError(f"--gold: {args.data} has prompts that are not toy-world prompts")
 
     # 3. Write every record back with its score.
@@ -143,10 +131,10 @@ def score_file(args: ScoreArgs):
 
 
 def main(argv=None):
-    args = common.parse_args(ScoreArgs, argv, prog="python -m minirlhf score")
+    args = parse_args(ScoreArgs, argv, prog="python -m minirlhf score")
     if not args.model or not args.data:
         raise MinirlhfError("score: --model (a reward model) and --data (prompt/response JSONL) are required")
-    common.quiet_transformers()
+    quiet_transformers()
     score_file(args)
     return 0
 

@@ -23,6 +23,7 @@ class Exercise:
     functions: tuple  # the graded functions (a submission must define them)
     hints: tuple  # nudge, pointer, formula
     helpers: tuple = ()  # reference functions the graded ones are built on (blocked like them)
+    elsewhere: tuple = ()  # ((module, names), ...): the same computation in other modules (the trainers)
 
     @property
     def blocked(self):
@@ -82,7 +83,10 @@ EXERCISES = (
              ("one forward over chosen and rejected together, reference log-probs computed once without grad.",
               "collate_preference gives [2B, L]: chosen rows first; response_logprobs + sequence_logprobs, chunk(2).",
               "loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, β)[0].mean(); loss.backward(); "
-              "metrics from the detached implicit rewards."),),
+              "metrics from the detached implicit rewards."),
+             elsewhere=(("minirlhf.train.dpo", ("pairwise_preference_loss", "evaluate_dpo")),
+                        ("minirlhf.train.preference", ("sequence_logps", "reference_logps", "cached_reference_logps",
+                                                       "sigmoid_dpo_metrics")))),
     Exercise("masked", 5, 5, "core/masked.py", "minirlhf.core.masked", ("masked_mean", "masked_whiten"),
              ("divide by the number of valid elements, and think about a row that has none.",
               "select with torch.where (0 · NaN is NaN); whiten with the valid elements' own mean and variance.",
@@ -117,7 +121,8 @@ EXERCISES = (
               "one update per rollout: π_old is the policy that sampled, so old log-probs are the current "
               "ones detached; π_ref's come without gradient.",
               "advantages = group_advantages(rewards, G); loss = grpo_loss(logp, logp.detach(), ref, A, mask, "
-              "clip_eps, beta)[0]; loss.backward()."),),
+              "clip_eps, beta)[0]; loss.backward()."),
+             elsewhere=(("minirlhf.train.grpo", ("grpo_step_loss",)),)),
     Exercise("find_the_bug_kl", 8, 3, "find_the_bug/kl_direction.py", "minirlhf.homework.find_the_bug.kl_direction",
              ("k3_penalty",),
              ("k3 = (ρ − 1) − log ρ is unbiased only for the right ρ.",

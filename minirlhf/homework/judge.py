@@ -125,10 +125,11 @@ class Judge:
     def _blocked_package(self, exercise):
         with self._lock:
             if exercise.name not in self._blocked:
-                module_file = exercise.reference.split(".", 1)[1].replace(".", "/") + ".py"
                 files = dict(self.package_files)
-                files[module_file] = blocked_source(files[module_file].decode("utf-8"), exercise.blocked,
-                                                    exercise.name).encode("utf-8")
+                for module, names in ((exercise.reference, exercise.blocked), *exercise.elsewhere):
+                    module_file = module.split(".", 1)[1].replace(".", "/") + ".py"
+                    files[module_file] = blocked_source(files[module_file].decode("utf-8"), names,
+                                                        exercise.name).encode("utf-8")
                 self._blocked[exercise.name] = files
             return self._blocked[exercise.name]
 

@@ -10,6 +10,7 @@ all start here). Two details make it correct and cheap:
   the last ~50 columns, so we ask the model for ``logits_to_keep`` columns and pad the log-probs
   back to ``[B, T]`` so they stay aligned with the labels ``input_ids[:, 1:]``.
 """
+import torch
 import torch.nn.functional as F
 
 from minirlhf.core.logprobs import entropy_from_logits, gather_logprobs, shift_for_next_token
@@ -68,3 +69,21 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     if return_entropy:
         return token_logprobs, mask, F.pad(entropy_from_logits(logits), (start, 0))
     return token_logprobs, mask
+
+
+@torch.no_grad()
+def rollout_logprobs(model, batch, micro_batch_size=0, temperature=1.0):
+    """``response_logprobs`` of a whole batch (e.g. a rollout) without gradient, ``micro_batch_size``
+    rows per forward pass (0 = all at once). Returns ``(token_logprobs, mask)``, both ``[B, T]``.
+
+    The online trainers take log π_old and log π_ref of their samples with it; memory stays that
+    of one micro-batch whatever the rollout's size.
+    """
+    rows = len(batch["input_ids"])
+    size = micro_batch_size if micro_batch_size > 0 else rows
+    chunks = [
+        response_logprobs(model, batch["input_ids"][i : i + size], batch["attention_mask"][i : i + size],
+                          batch["response_mask"][i : i + size], temperature=temperature)
+        for i in range(0, rows, size)
+    ]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

@@ -7,6 +7,7 @@ Only safetensors weights are loaded (a pickled ``.bin`` can run code on load), a
 import copy
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minirlhf.errors import MinirlhfError
 
@@ -31,8 +32,6 @@ def load_tokenizer(name_or_path, padding_side="left", trust_remote_code=False):
     attention/response mask from sequence lengths, never from ``input_ids != pad_id``, so the real
     EOS at the end of a response is still attended to and trained on.
     """
-    from transformers import AutoTokenizer  # here, not at the top: `import minirlhf` stays fast
-
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, padding_side=padding_side, trust_remote_code=trust_remote_code
     )
@@ -49,8 +48,6 @@ def load_policy(name_or_path, dtype=None, device=None, trust_remote_code=False, 
     ``pad_token_id`` defaults to the checkpoint's own, else its EOS id (the convention of
     ``load_tokenizer``); generation needs one to pad finished rows.
     """
-    from transformers import AutoModelForCausalLM  # here, not at the top: `import minirlhf` stays fast
-
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=resolve_dtype(dtype),

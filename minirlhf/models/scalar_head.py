@@ -15,12 +15,12 @@ published reward models in that layout. One difference: HF pools at the last tok
 """
 import copy
 import math
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 from minirlhf.models.forward import position_ids_from_attention_mask
 from minirlhf.models.policy import resolve_dtype
@@ -56,8 +56,6 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, name_or_path, dtype=None, device=None, seed=0, trust_remote_code=False):
         """The backbone of a causal-LM checkpoint (its LM head dropped) + a new head seeded by ``seed``."""
-        from transformers import AutoModel  # here, not at the top: `import minirlhf` stays fast
-
         backbone = AutoModel.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
@@ -67,8 +65,6 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None, trust_remote_code=False):
         """Load a checkpoint in HF's sequence-classification layout with one label (ours or a published RM)."""
-        from transformers import AutoModelForSequenceClassification
-
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             directory,
             num_labels=1,
@@ -84,20 +80,20 @@ class ScalarHeadModel(nn.Module):
     def save_pretrained(self, directory, tokenizer=None):
         """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer) in HF's layout.
 
-        Each file is written to a temporary name and renamed, so an interrupted save never leaves
-        a half-written checkpoint in place of a good one.
+        Like HF's ``save_pretrained`` it writes into ``directory`` as it goes; for an all-or-nothing
+        save wrap it in ``minirlhf.data.atomic.write_dir_atomic`` (the trainers' checkpoints do).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         prefix = self.backbone.base_model_prefix  # "model" for Qwen2/Llama, "transformer" for GPT-2
         state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in self.backbone.state_dict().items()}
         state["score.weight"] = self.score_head.weight.detach().contiguous()
-        _atomic(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
         config = copy.deepcopy(self.config)
         config.architectures = [sequence_classification_architecture(self.config, self.backbone)]
         config.num_labels = 1
-        _atomic(directory / "config.json", config.to_json_file)
+        config.to_json_file(str(directory / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
@@ -110,9 +106,3 @@ def sequence_classification_architecture(config, backbone):
         if name.endswith("ForSequenceClassification"):
             return name
     return type(backbone).__name__.removesuffix("Model") + "ForSequenceClassification"
-
-
-def _atomic(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)

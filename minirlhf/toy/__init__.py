@@ -7,7 +7,9 @@
 Files: ``language`` (words, prompts, gold reward), ``responses`` (writers of mixed quality),
 ``corpus`` (datasets, Bradley-Terry labels, Bayes accuracy, the planted length bias),
 ``tokenizer`` (byte-level BPE + Qwen chat template), ``model`` (tiny Qwen2), ``measure``
-(a policy's gold reward), ``world`` (``load_world``: build, cache), ``bandit`` (the exact bandit).
+(the gold reward of responses and of a policy), ``world`` (``load_world``: build, cache),
+``bandit`` (the exact bandit). The toy world's SFT policy is trained by the train layer:
+``minirlhf.train.toy_world.load_toy_world()`` (or ``python -m minirlhf toy-world``).
 """
 from minirlhf.toy.bandit import BanditWorld, make_bandit
 from minirlhf.toy.corpus import CorpusSizes, bayes_accuracy, build_corpus

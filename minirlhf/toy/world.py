@@ -1,7 +1,6 @@
-"""``load_world()``: every piece of the toy world, built once from a seed and cached on disk.
+"""``load_world()``: the toy world's data, tokenizer and base model, built once from a seed and cached.
 
-    world = load_world(seed=0)            # data, tokenizer, base model, SFT model (~minutes once)
-    world = load_world(seed=0, sft=False) # everything but the SFT model (seconds)
+    world = load_world(seed=0)            # seconds the first time, then read from the cache
 
 Cache directory: ``cache_dir`` or ``$MINIRLHF_CACHE`` or ``~/.cache/minirlhf``, then
 ``toy-<seed>-<VERSION>/``::
@@ -12,16 +11,18 @@ Cache directory: ``cache_dir`` or ``$MINIRLHF_CACHE`` or ``~/.cache/minirlhf``, 
     base/               the untrained tiny Qwen2 model (+ tokenizer: ``world.tokenizer_path``)
     sft/                the SFT policy (+ tokenizer, toy_eval.json: its gold reward)
 
-Each stage is built in a temporary directory next to its target and renamed into place, so an
-interrupted build leaves nothing half-written and a missing piece is simply rebuilt. Bump
-``VERSION`` whenever the language, the data generator or the model changes.
+The SFT policy is trained by the train layer (``minirlhf.train.toy_world.load_toy_world``, which
+every trainer's defaults use): ``load_world`` reports it as ``sft_model`` once it is there (its
+``toy_eval.json``, written last, marks it complete) and as None before. Each piece is built in a
+temporary directory next to its target and renamed into place, so an interrupted build leaves
+nothing half-written and a missing piece is simply rebuilt. Bump ``VERSION`` whenever the
+language, the data generator or the model changes.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerFast
 
+from minirlhf.data.atomic import write_dir_atomic
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.toy import language
 from minirlhf.toy.corpus import CorpusSizes, build_corpus
@@ -44,13 +46,13 @@ TEMPLATES = {
     "prompts": "prompt", "eval_prompts": "prompt", "math_prompts": "prompt",
 }
 
-#: how the SFT policy is trained (tiny model from scratch: a high learning rate, short sequences)
-SFT_HYPERPARAMETERS = dict(epochs=4.0, lr=3e-3, batch_size=16, max_len=64, max_prompt_len=32)
+#: the SFT policy's directory in the world's cache, and the file that marks it complete
+SFT_DIR, SFT_EVAL = "sft", "toy_eval.json"
 
 
 @dataclass(frozen=True)
 class ToyWorld:
-    """The toy world's pieces. Paths are absolute; ``sft_model`` is None when built with ``sft=False``."""
+    """The toy world's pieces. Paths are absolute; ``sft_model`` is None until the SFT policy is built."""
 
     seed: int
     dir: Path
@@ -81,24 +83,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MINIRLHF_CACHE") or Path.home() / ".cache" / "minirlhf")
 
 
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(tmp)`` in a fresh directory beside ``target``, then rename it to ``target``.
-
-    If another process finished the same target first, its result is kept and ours discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _build_base(seed: int, out: Path, sizes: CorpusSizes) -> None:
     started = time.perf_counter()
     corpus = build_corpus(seed, out / "data", sizes)
@@ -112,53 +96,24 @@ def _build_base(seed: int, out: Path, sizes: CorpusSizes) -> None:
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks "complete"
 
 
-def _build_sft(world_dir: Path, seed: int, out: Path) -> None:
-    """SFT the base model on sft_train with the project's trainer; measure its gold reward."""
-    from minirlhf.train.sft import SFTArgs, train_sft
-    from minirlhf.toy.measure import measure_policy
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.perf_counter()
-    run = out / "run"
-    args = SFTArgs(model=str(world_dir / "base"), data=str(world_dir / "data" / "sft_train.jsonl"),
-                   eval_data=str(world_dir / "data" / "sft_test.jsonl"), template=TEMPLATES["sft_train"],
-                   out=str(run), seed=seed, progress=False, tensorboard=False, **SFT_HYPERPARAMETERS)
-    final = Path(train_sft(args))
-    for item in final.iterdir():  # the saved model and tokenizer become <world>/sft
-        item.rename(out / item.name)
-    shutil.rmtree(run)
-    train_seconds = time.perf_counter() - started
-
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    prompts = [json.loads(line)["prompt"] for line in (world_dir / "data" / "eval_prompts.jsonl").read_text().splitlines()]
-    summary = {"sampled": measure_policy(model, tokenizer, prompts, num_samples=4, seed=seed),
-               "greedy": measure_policy(model, tokenizer, prompts, num_samples=1, temperature=0.0, seed=seed),
-               "train_seconds": train_seconds}
-    (out / "toy_eval.json").write_text(json.dumps(summary, indent=2) + "\n")  # last: marks "complete"
-
-
-def load_world(seed: int = 0, cache_dir: str | Path | None = None, sft: bool = True,
-               sizes: CorpusSizes = CorpusSizes()) -> ToyWorld:
+def load_world(seed: int = 0, cache_dir: str | Path | None = None, sizes: CorpusSizes = CorpusSizes()) -> ToyWorld:
     """The toy world for ``seed``, built into the cache on first use (see the module docstring).
 
-    ``sft=False`` skips the SFT policy (seconds instead of minutes); ``sizes`` changes the dataset
-    sizes (a non-default size gets its own cache directory).
+    ``sizes`` changes the dataset sizes (a non-default size gets its own cache directory).
+    ``sft_model`` is the cached SFT policy, or None when it has not been trained yet.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     suffix = "" if sizes == CorpusSizes() else "-" + "-".join(str(v) for v in vars(sizes).values())
     world_dir = (root / f"toy-{seed}-{VERSION}{suffix}").resolve()
     if not (world_dir / "world.json").exists():
         shutil.rmtree(world_dir, ignore_errors=True)  # a stray incomplete directory
-        _build_atomically(world_dir, lambda tmp: _build_base(seed, tmp, sizes))
-    if sft and not (world_dir / "sft" / "toy_eval.json").exists():
-        _build_atomically(world_dir / "sft", lambda tmp: _build_sft(world_dir, seed, tmp))
+        write_dir_atomic(world_dir, lambda tmp: _build_base(seed, tmp, sizes), keep_existing=True)
 
     meta = json.loads((world_dir / "world.json").read_text())
     stats = dict(meta["stats"])
-    sft_dir = world_dir / "sft" if (world_dir / "sft" / "toy_eval.json").exists() else None
+    sft_dir = world_dir / SFT_DIR if (world_dir / SFT_DIR / SFT_EVAL).exists() else None
     if sft_dir is not None:
-        sft_eval = json.loads((sft_dir / "toy_eval.json").read_text())
+        sft_eval = json.loads((sft_dir / SFT_EVAL).read_text())
         stats.update({f"sft_policy_{k}": v for k, v in sft_eval["sampled"].items()})
         stats.update({f"sft_policy_greedy_{k}": v for k, v in sft_eval["greedy"].items()})
         stats["sft_train_seconds"] = sft_eval["train_seconds"]

@@ -1,65 +1,57 @@
-"""Direct preference optimisation and its family: DPO, cDPO, robust DPO, IPO, hinge (SLiC), SimPO,
-ORPO and KTO — one loop, the loss chosen with ``--loss``.
+"""Direct preference optimisation and its pairwise family: DPO, cDPO, robust DPO, IPO, hinge (SLiC),
+SimPO and ORPO — one loop, the loss chosen with ``--loss`` (``--loss kto`` runs ``kto.py``).
 
     DPO:  L = −log σ( β[log π_θ(y_w|x) − log π_ref(y_w|x)] − β[log π_θ(y_l|x) − log π_ref(y_l|x)] )
 
-The formulas live in ``minirlhf/core/dpo_losses.py``; this file feeds them:
+The formulas live in ``minirlhf/core/dpo_losses.py``; ``pairwise_preference_loss`` below feeds
+them, and ``preference.py`` holds what DPO shares with KTO: π_ref's log-probs computed once before
+training and cached, one forward per ``[2B, L]`` chosen+rejected batch, the implicit-reward metrics.
 
-- **Reference log-probs once.** π_ref never changes, so log π_ref(y|x) of every training (and test)
-  response is computed in one pass before training and cached per example (and saved in
-  ``<out>/reference_logps.pt`` for ``--resume``); the reference model is then freed, so training
-  holds one model. SimPO and ORPO are reference-free and skip this.
-- **One forward per pair batch.** Chosen and rejected rows are concatenated into one ``[2B, L]``
-  batch (``collate_preference``); logits are computed only from the first response token on
-  (``response_logprobs``).
-- **Summed vs averaged log-probs.** DPO/cDPO/robust/hinge/KTO use summed log π(y|x); IPO, SimPO
-  and ORPO use the length average (1/|y|) log π(y|x), as their papers define them.
+- **Summed vs averaged log-probs.** DPO/cDPO/robust/hinge use summed log π(y|x); IPO, SimPO and
+  ORPO use the length average (1/|y|) log π(y|x), as their papers define them.
 - **ORPO** adds the SFT term: loss = NLL(y_w) + λ·L_OR, the NLL being the chosen response's mean
-  token negative log-likelihood.
-- **KTO** trains on unpaired thumbs-up/down examples (the toy KTO file, or a preference file split
-  into chosen 👍 / rejected 👎). Its reference point z0 estimates KL(π_θ‖π_ref) on *mismatched*
-  pairs: each example's prompt with another example's response (a fixed partner, so the reference
-  side is cached too). z0 is computed over the whole optimizer batch before the micro-batches, so
-  gradient accumulation stays exact.
+  token negative log-likelihood. SimPO and ORPO are reference-free.
 
-Logged per step: loss, accuracy (implicit reward of y_w above y_l), chosen/rejected rewards, their
+The loop is SFT's (``sft.py``): evaluate and checkpoint, stop, forward/backward, log. Logged per
+step: loss, accuracy (implicit reward of y_w above y_l, ties ½), chosen/rejected rewards, their
 margin, and both summed log-probs ``logps_chosen``/``logps_rejected`` — watch both fall while the
 margin grows: DPO only needs the *difference* to increase.
 
-    python -m minirlhf dpo                                       # toy world, sigmoid DPO, β = 0.1
+    python -m minirlhf dpo                                       # toy world, sigmoid DPO
     python -m minirlhf dpo --loss simpo --beta 2.0 --simpo-gamma 0.5
     python -m minirlhf dpo --loss kto                            # toy world's unpaired KTO file
 """
 import dataclasses
 import sys
 import typing
-from pathlib import Path
 
 import torch
 
-from minirlhf.core.dpo_losses import dpo_loss, dpop_penalty, kto_loss, orpo_loss, rdpo_length_margin, simpo_loss
-from minirlhf.core.logprobs import sequence_logprobs
-from minirlhf.data.collate import collate_kto, collate_preference, collate_sft
-from minirlhf.data.datasets import load_kto_data, load_preference_data
+from minirlhf.core.dpo_losses import dpo_loss, dpop_penalty, orpo_loss, rdpo_length_margin, simpo_loss
+from minirlhf.data.datasets import load_preference_data
+from minirlhf.data.order import BatchSchedule, hold_out
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
-from minirlhf.train import common
+from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
+)
+from minirlhf.train.kto import train_kto
+from minirlhf.train.metrics import TrainingLog, eval_due
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.preference import (
+    TOY_PRESET, cached_reference_logps, implicit_reward_metrics, pair_batch, pair_rows, sequence_logps,
+)
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 LOSSES = ("sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-# Hyperparameters for the toy world's ~1M-parameter SFT policy (fields left at their defaults).
-# Measured on toy world v2, seed 0 (sigmoid DPO, 1 epoch): the gold reward of 4 samples per eval
-# prompt goes from −0.85 (SFT) to +0.40 (win rate 83%); test implicit-reward accuracy 74% (Bayes
-# 75%). With β = 0.1 and lr = 2e-4 instead, both log-probs fall fast, responses double in length
-# (the planted length bias) and the gold reward drops to −1.56: a small β invites over-optimisation.
-TOY_PRESET = dict(lr=1e-4, beta=0.5, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
-
-
 @dataclasses.dataclass
-class DPOArgs(common.TrainArgs):
+class DPOArgs(TrainArgs):
     """The DPO family: sigmoid (DPO), cdpo, robust, ipo, hinge, simpo, orpo, kto."""
 
     loss: typing.Literal["sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = "sigmoid"
@@ -97,62 +89,7 @@ class DPOArgs(common.TrainArgs):
     """System prompt put in front of every conversation."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Log-probs
-# ---------------------------------------------------------------------------------------------
-
-
-def sequence_logps(model, batch):
-    """``(log π(y|x) [N], |y| [N])``: summed response log-probs and response lengths of a batch
-    (one forward, logits from the first response token on)."""
-    token_logps, mask = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    return sequence_logprobs(token_logps, mask), mask.sum(-1).float()
-
-
-@torch.no_grad()
-def reference_logps(model, rows, pad_id, batch_size, device):
-    """Summed log π_ref(y|x) of ``rows`` (dicts with ``input_ids``/``response_mask`` lists), ``[N]``
-    float32 on the CPU: computed once, before training."""
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = common.to_device(collate_sft(rows[start : start + batch_size], pad_id), device)
-        with common.autocast(device):
-            out.append(sequence_logps(model, batch)[0].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def pair_rows(examples):
-    """Preference examples -> rows ``[chosen_0..chosen_{N-1}, rejected_0..rejected_{N-1}]``."""
-    return [{"input_ids": e["chosen_input_ids"], "response_mask": e["chosen_response_mask"]} for e in examples] + [
-        {"input_ids": e["rejected_input_ids"], "response_mask": e["rejected_response_mask"]} for e in examples
-    ]
-
-
-def mismatched_rows(examples, seed, max_len):
-    """KTO's KL pairs: example i's prompt followed by the response of a fixed partner π(i) ≠ i
-    (consecutive in a seeded permutation), cut to ``max_len`` tokens."""
-    order = common.epoch_permutation(len(examples), seed, epoch=-2)
-    rows = [None] * len(examples)
-    for k, i in enumerate(order):
-        mine, partner = examples[i], examples[order[(k + 1) % len(order)]]
-        prompt = mine["input_ids"][: mine["response_mask"].index(1)]
-        response = [t for t, m in zip(partner["input_ids"], partner["response_mask"]) if m]
-        ids = (prompt + response)[:max_len]
-        rows[i] = {"input_ids": ids, "response_mask": ([0] * len(prompt) + [1] * len(response))[:max_len]}
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
-
-
-def _pair_accuracy(chosen_rewards, rejected_rewards):
-    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
-
-
-def pair_loss(args, model, batch, loss_type=None):
+def pairwise_preference_loss(args, model, batch, loss_type=None):
     """The pairwise losses of the family on a ``[2B, L]`` chosen+rejected batch; ``(loss, metrics)``.
 
     ``batch`` also holds the cached ``ref_chosen_logps``/``ref_rejected_logps`` ``[B]`` (summed)
@@ -190,42 +127,26 @@ def pair_loss(args, model, batch, loss_type=None):
                 args.label_smoothing if loss_type in ("cdpo", "robust") else 0.0,
                 offset if torch.is_tensor(offset) else None)
     # 3. What to watch: implicit-reward accuracy and margin, and both log-probs.
-    metrics.update(
-        accuracy=_pair_accuracy(chosen_rewards, rejected_rewards),
-        chosen_reward=chosen_rewards.mean(),
-        rejected_reward=rejected_rewards.mean(),
-        margin=(chosen_rewards - rejected_rewards).mean(),
-        logps_chosen=chosen_logps.detach().mean(),
-        logps_rejected=rejected_logps.detach().mean(),
-    )
+    metrics.update(implicit_reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps))
     return losses.mean(), metrics
 
 
-def kto_batch_loss(args, model, batch):
-    """KTO on an unpaired batch (``labels`` True = desirable, cached ``ref_logps``, and the
-    step's ``kl_reference`` z0); ``(loss, metrics)``."""
-    logps, _ = sequence_logps(model, batch)
-    desirable = batch["labels"]
-    losses, rewards = kto_loss(logps, batch["ref_logps"], desirable, batch["kl_reference"], args.beta,
-                               args.kto_desirable_weight, args.kto_undesirable_weight)
-    # accuracy: the reward is on the side of β·z0 that the label asks for (a tie counts ½)
-    threshold = args.beta * batch["kl_reference"].clamp(min=0)
-    agree = torch.where(desirable, rewards > threshold, rewards < threshold).float() + 0.5 * (rewards == threshold).float()
-    return losses.mean(), {
-        "accuracy": agree.mean(),
-        "kl": batch["kl_reference"],  # the raw estimate; kto_loss clamps it at 0 for z0
-        "reward_desirable": rewards[desirable].mean() if desirable.any() else rewards.new_zeros(()),
-        "reward_undesirable": rewards[~desirable].mean() if (~desirable).any() else rewards.new_zeros(()),
-        "logps": logps.detach().mean(),
-    }
+@torch.no_grad()
+def evaluate_dpo(args, model, examples, ref, pad_id, device):
+    """The loss and implicit-reward metrics on the preference test split (weighted by pairs)."""
+    model.eval()
+    totals = {}
+    for start in range(0, len(examples), args.batch_size):
+        ids = list(range(start, min(start + args.batch_size, len(examples))))
+        with autocast(device):
+            loss, metrics = pairwise_preference_loss(args, model, pair_batch(examples, ids, pad_id, device, ref))
+        for name, value in {**metrics, "loss": loss}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * len(ids) / len(examples)
+    return totals
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_args(args):
+def check_args(args):
+    """Clear errors for options that do not apply to ``args.loss``."""
     if args.loss == "ipo" and (args.rdpo_alpha or args.dpop_lambda):
         raise MinirlhfError("--rdpo-alpha/--dpop-lambda modify the DPO logit; IPO has none (use --loss sigmoid)")
     if (args.rdpo_alpha or args.dpop_lambda) and args.loss in ("simpo", "orpo", "kto"):
@@ -236,122 +157,80 @@ def _check_args(args):
 
 def train_dpo(args: DPOArgs):
     """Train the policy with the loss ``args.loss``; returns the saved model directory (``<out>/final``)."""
-    _check_args(args)
-    # 1. Defaults (toy world: SFT policy, pref_train/pref_test or the KTO file), run dir, seed.
+    check_args(args)
+    if args.loss == "kto":  # unpaired data and its own loop: kto.py
+        return train_kto(args)
+    # 1. Defaults (toy world: SFT policy, pref_train/pref_test), run directory, resume point, seed.
     if args.model is None or args.data is None:
-        world = common.toy_world()
+        world = load_toy_world()
         if args.model is None:
             args.model = str(world.sft_model)
-            common.apply_toy_preset(args, TOY_PRESET)
+            apply_toy_preset(args, TOY_PRESET)
         if args.data is None:
-            key = "kto_train" if args.loss == "kto" else "pref_train"
-            args.data, args.template = str(getattr(world, key)), world.templates[key]
+            args.data, args.template = str(world.pref_train), world.templates["pref_train"]
             args.eval_data = args.eval_data or str(world.pref_test)
     args.template = args.template or "align_anything"
-    resume_from = common.prepare_run(args, f"dpo-{args.loss}")
-    device = common.select_device(args.device)
+    resume_from = prepare_run(args, f"dpo-{args.loss}")
+    device = select_device(args.device)
 
     # 2. Tokenizer, policy (from the checkpoint when resuming), data and test split.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    limits = common.data_limits(args)
-    load_data = load_kto_data if args.loss == "kto" else load_preference_data
-    train_examples, report = load_data(args.data, args.template, tokenizer, system_prompt=args.system_prompt, **limits)
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    load_kwargs = dict(tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
+    train_examples, report = load_preference_data(args.data, args.template, **load_kwargs)
     print(report, file=sys.stderr)
     if args.eval_data:
-        eval_examples = load_preference_data(args.eval_data, args.eval_template or "align_anything", tokenizer,
-                                             system_prompt=args.system_prompt, **limits)[0]
-    elif args.loss != "kto":
-        order = common.epoch_permutation(len(train_examples), args.seed, epoch=-1)
-        n_eval = int(round(args.eval_fraction * len(train_examples)))
-        eval_examples = [train_examples[i] for i in order[:n_eval]]
-        train_examples = [train_examples[i] for i in order[n_eval:]]
-    else:
-        eval_examples = []
-    kl_rows = mismatched_rows(train_examples, args.seed, args.max_len) if args.loss == "kto" else None
+        eval_examples = load_preference_data(args.eval_data, args.eval_template or "align_anything", **load_kwargs)[0]
+    else:  # a held-out slice of --data, fixed by the seed
+        train_examples, eval_examples = hold_out(train_examples, args.eval_fraction, args.seed)
 
-    # 3. Reference log-probs, computed once (or read back when resuming) and cached per example.
+    # 3. Reference log-probs, computed once (or read back when resuming): [2N], chosen then rejected.
     ref = {}
     if args.loss not in REFERENCE_FREE:
-        cache = Path(args.out) / "reference_logps.pt"
-        if resume_from and cache.exists():
-            ref = torch.load(cache)
-        else:
-            reference = load_policy(args.ref_model or args.model, dtype=common.TRAIN_DTYPE, device=device)
-            rows = {"eval": pair_rows(eval_examples)}
-            if args.loss == "kto":
-                rows.update(train=train_examples, train_kl=kl_rows)
-            else:
-                rows["train"] = pair_rows(train_examples)
-            ref = {name: reference_logps(reference, r, pad_id, args.batch_size, device) for name, r in rows.items()}
-            del reference
-            common.torch_save_atomic(ref, cache)
-    # Pair caches are [2N] = chosen then rejected; view them as [N, 2].
-    pair_ref = {k: v.view(2, -1).T for k, v in ref.items() if k == "eval" or (k == "train" and args.loss != "kto")}
+        rows = {"eval": pair_rows(eval_examples), "train": pair_rows(train_examples)}
+        ref = cached_reference_logps(args, resume_from, rows, pad_id, device)
 
     # 4. Optimizer, schedule, deterministic batch order; resume state.
-    schedule = common.BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
-    optimizer = common.make_optimizer(policy.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start_step = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
+    optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    total, last = schedule.total_steps, last_step(args, schedule.total_steps)
 
-    # 5. Micro-batches (weights = share of the batch's examples), with their cached reference.
-    def pair_batch(examples, ids, split):
-        batch = collate_preference([examples[i] for i in ids], pad_id)
-        if split in pair_ref:
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = pair_ref[split][ids].T
-        return common.to_device(batch, device)
-
-    def kto_reference_point(indices):
-        """z0 = mean over the batch of log π(y_π(i)|x_i) − log π_ref(y_π(i)|x_i), no gradient."""
-        total = 0.0
-        with torch.no_grad(), common.autocast(device):
-            for ids in common.micro_batches(indices, args.micro_batch_size):
-                batch = common.to_device(collate_sft([kl_rows[i] for i in ids], pad_id), device)
-                total += float((sequence_logps(policy, batch)[0].float().cpu() - ref["train_kl"][ids]).sum())
-        return total / len(indices)
-
-    def make_micro_batches(indices):
-        if args.loss == "kto":
-            z0 = kto_reference_point(indices)
-            micro = []
-            for ids in common.micro_batches(indices, args.micro_batch_size):
-                batch = collate_kto([train_examples[i] for i in ids], pad_id)
-                batch.update(ref_logps=ref["train"][ids], kl_reference=torch.tensor(z0))
-                micro.append((ids, common.to_device(batch, device)))
-        else:
-            micro = [(ids, pair_batch(train_examples, ids, "train"))
-                     for ids in common.micro_batches(indices, args.micro_batch_size)]
-        return micro, [len(ids) / len(indices) for ids, _ in micro]
-
-    def loss_fn(batch):
-        return kto_batch_loss(args, policy, batch) if args.loss == "kto" else pair_loss(args, policy, batch)
-
-    def evaluate():
-        """Implicit-reward metrics on the preference test split (KTO: as sigmoid DPO's rewards)."""
-        totals = {}
-        for start in range(0, len(eval_examples), args.batch_size):
-            ids = list(range(start, min(start + args.batch_size, len(eval_examples))))
-            loss_type = "sigmoid" if args.loss == "kto" else args.loss
-            loss, metrics = pair_loss(args, policy, pair_batch(eval_examples, ids, "eval"), loss_type)
-            if args.loss != "kto":
-                metrics["loss"] = loss
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value) * len(ids) / len(eval_examples)
-        return totals
-
-    # 6. Train; save the policy and tokenizer.
-    common.run_steps(
-        args, model=policy, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
-        start_step=start_step, device=device, make_micro_batches=make_micro_batches, loss_fn=loss_fn,
-        evaluate=evaluate if eval_examples else None, desc=f"dpo ({args.loss})",
-    )
-    return common.finish_run(args, policy, tokenizer, schedule)
+    # 5. The loop; `step` optimizer steps are done at the top of each pass.
+    with TrainingLog(args, start, total, last, desc=f"dpo ({args.loss})") as log:
+        for step in range(start, last + 1):
+            # 5.1 Evaluate and checkpoint.
+            if eval_examples and eval_due(args, step, start, total):
+                log.eval(step, evaluate_dpo(args, policy, eval_examples, ref.get("eval"), pad_id, device))
+            if checkpoint_due(args, step, start, last):
+                save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler)
+            # 5.2 Stop.
+            if step == last:
+                break
+            # 5.3 Forward/backward: micro-batches of pairs weighted by their share of the pairs.
+            policy.train()
+            indices = schedule.batch(step)
+            micro = [(ids, pair_batch(train_examples, ids, pad_id, device, ref.get("train")))
+                     for ids in micro_batches(indices, args.micro_batch_size)]
+            weights = accumulation_weights([len(ids) for ids, _ in micro])
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler))
+            metrics = {}
+            for (ids, batch), weight in zip(micro, weights):
+                with autocast(device):
+                    loss, loss_metrics = pairwise_preference_loss(args, policy, batch)
+                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+                                          guard=guard, step=step, example_ids=indices))
+            # 5.4 Log.
+            metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
+            log.train(step + 1, metrics)
+    return final_path(args, policy, tokenizer, last, total)
 
 
 def main(argv=None):
-    args = common.parse_args(DPOArgs, argv, prog="python -m minirlhf dpo")
+    args = parse_args(DPOArgs, argv, prog="python -m minirlhf dpo")
     print(f"saved {train_dpo(args)}")
     return 0
 

@@ -15,15 +15,17 @@ and the loss is PPO's clipped surrogate plus a KL penalty *in the loss* (not in 
 reduced over tokens by ``--aggregation`` (``sequence_mean`` = GRPO paper, ``token_mean`` = DAPO,
 ``fixed_length`` = Dr. GRPO: see ``minirlhf/core/aggregation.py`` for each one's length bias).
 
-Each iteration:
+Each iteration of the loop in ``train_grpo``:
 
-1. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt).
-2. **Reward.** One scalar per response (``--reward math`` = verifiable accuracy, or an RM path).
+1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
+2. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt);
+   one reward per response (``--reward math`` = verifiable accuracy, or an RM path); log-probs of
+   the samples under π_old (= the sampling policy) and π_ref.
 3. **Group advantages** (``group_advantages``); groups whose G rewards are all equal carry no
    signal and get Â = 0 (logged as ``zero_advantage_groups``).
-4. **Log-probs** of the samples under π_old (= the sampling policy) and π_ref.
-5. **Update.** ``ppo_epochs`` passes over shuffled minibatches of ``grpo_loss``. With one epoch
+4. **Update.** ``ppo_epochs`` passes over shuffled minibatches of ``grpo_loss``. With one epoch
    and one minibatch (the defaults) the update is exactly on-policy: ρ = 1 and the clip is idle.
+5. **Log** the reward, its spread within groups, KL and lengths (the gold reward in the toy world).
 
 **What the k3 term optimises.** k3 is an unbiased *estimate* of KL(π‖π_ref), but as a loss on
 samples from π its gradient is ``E_π[(1 − π_ref/π) ∇log π] = −Σ_y π_ref(y) ∇log π(y)``, the
@@ -45,16 +47,26 @@ import torch
 
 from minirlhf.core.grpo import group_advantages, grpo_loss
 from minirlhf.core.masked import masked_sum
+from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs
-from minirlhf.train import common
-from minirlhf.train.rollout import (
-    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
+from minirlhf.models.forward import response_logprobs, rollout_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.measure import gold_summary, is_toy_prompt
+from minirlhf.train.args import TrainArgs, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.metrics import TrainingLog, average, response_metrics
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.rewards import load_reward
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class GRPOArgs(common.TrainArgs):
+class GRPOArgs(TrainArgs):
     """GRPO: group-relative advantages, no critic, k3 KL in the loss."""
 
     reward: str = "math"
@@ -103,12 +115,12 @@ def micro_batch_weights(micro, aggregation):
     ``Σ_k w_k L_k`` equals the loss of the whole minibatch.
     """
     if aggregation == "token_mean":
-        counts = [float(b["response_mask"].sum()) for _, b in micro]
+        counts = [response_tokens(b) for _, b in micro]
     elif aggregation == "sequence_mean":
         counts = [float(b["response_mask"].bool().any(-1).sum()) for _, b in micro]
     else:
         counts = [float(len(b["input_ids"])) for _, b in micro]
-    return [n / max(sum(counts), 1.0) for n in counts]
+    return accumulation_weights(counts)
 
 
 def grpo_step_loss(policy, batch, args):
@@ -124,77 +136,90 @@ def grpo_step_loss(policy, batch, args):
 
 def train_grpo(args: GRPOArgs):
     """Run GRPO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable)."""
-    # 1. Defaults (the toy world's SFT policy and arithmetic prompts).
-    world = common.toy_world() if args.model is None or args.data is None else None
+    # 1. Defaults (the toy world's SFT policy and arithmetic prompts), run directory, seed.
+    world = load_toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.math_prompts), args.template or "prompt"
-
-    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
-    #    reference, reward, prompts.
-    run = start_online_run(args, "grpo")
-    policy, tokenizer, device = run.policy, run.tokenizer, run.device
-
-    # 3. Optimizer and schedule (counted in optimizer steps).
     num_responses = args.batch_size * args.group_size
     minibatch_size = args.minibatch_size or num_responses
     if num_responses % minibatch_size:
         raise MinirlhfError(f"--minibatch-size {minibatch_size} must divide batch_size × group_size = {num_responses}")
-    run.make_optimizer(policy, updates_per_iteration=args.ppo_epochs * num_responses // minibatch_size)
+    args.template = args.template or "prompt"  # online trainers read prompt-only data
+    resume_from = prepare_run(args, "grpo")
+    device = select_device(args.device)
 
-    def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
-        # 1. Rollout: G samples per prompt; 2. one reward per response.
-        prompt_batch = run.prompts.batch(iteration, device)
-        with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, prompt_batch, args.max_new_tokens,
-                                        n_per_prompt=args.group_size, temperature=args.temperature)
-            rewards = run.reward_fn(rollout)
-            # 4. Log-probs of the samples under the sampling policy and the reference.
-            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
-        # 3. Group-relative advantages: one number per response, shared by its tokens.
-        advantages = group_advantages(rewards, args.group_size, scale=None if args.scale == "none" else "std")
-        data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
-        data.update({"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages})
+    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
+    tokenizer = load_tokenizer(args.model)
+    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    reward_fn = load_reward(args.reward, device=device)
+    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
+                        args.system_prompt)
+    log_gold = all(map(is_toy_prompt, prompts.texts))
 
-        # 5. Clipped-surrogate + β·k3 updates over shuffled minibatches.
-        update_metrics = []
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(num_responses).tolist()
-            for first in range(0, num_responses, minibatch_size):
-                rows = order[first : first + minibatch_size]
-                micro = [(part, select_rows(data, part)) for part in common.micro_batches(rows, args.micro_batch_size)]
-                metrics = common.accumulate_gradients(
-                    micro, lambda b: grpo_step_loss(policy, b, args), micro_batch_weights(micro, args.aggregation),
-                    device=device, guard=guard, step=iteration,
-                )
-                metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
-                                                     guard=guard, step=iteration, example_ids=rows))
-                update_metrics.append(metrics)
+    # 3. Optimizer and schedule (counted in optimizer steps); resume state.
+    optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
+    updates = args.ppo_epochs * num_responses // minibatch_size
+    scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    last = last_step(args, args.steps)
 
-        grouped = rewards.view(-1, args.group_size)
-        metrics = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
-        metrics.update({
-            "reward": float(rewards.mean()),
-            "reward_std_in_group": float(grouped.std(dim=-1).mean()),
-            "zero_advantage_groups": float((grouped == grouped[:, :1]).all(dim=-1).float().mean()),
-            "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(rewards)),
-            **response_metrics(rollout),
-        })
-        if args.reward == "math":
-            metrics["accuracy"] = metrics["reward"]
-        if run.prompts.is_toy:
-            metrics.update(gold_metrics(rollout))
-        return metrics
-
+    # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
-    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
-                          save_checkpoint=run.save_checkpoint, desc="grpo")
-    return final_path(args, args.steps, done, policy, tokenizer)
+    with TrainingLog(args, start, args.steps, last, desc="grpo") as log:
+        for iteration in range(start, last + 1):
+            # 4.1 Checkpoint; stop.
+            if checkpoint_due(args, iteration, start, last):
+                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+            if iteration == last:
+                break
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            # 4.2 Rollout: G samples per prompt; one reward per response; log-probs of the samples
+            #     under the sampling policy and the reference.
+            with autocast(device):
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+                                            n_per_prompt=args.group_size, temperature=args.temperature)
+                rewards = reward_fn(rollout)
+                old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
+                ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+            # 4.3 Group-relative advantages: one number per response, shared by its tokens.
+            advantages = group_advantages(rewards, args.group_size, scale=None if args.scale == "none" else "std")
+            data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
+            data.update(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages)
+            # 4.4 Clipped-surrogate + β·k3 updates over shuffled minibatches.
+            update_metrics = []
+            for _ in range(args.ppo_epochs):
+                order = torch.randperm(num_responses).tolist()
+                for first in range(0, num_responses, minibatch_size):
+                    rows = order[first : first + minibatch_size]
+                    micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
+                    weights = micro_batch_weights(micro, args.aggregation)
+                    metrics = {}
+                    for (ids, batch), weight in zip(micro, weights):
+                        with autocast(device):
+                            loss, loss_metrics = grpo_step_loss(policy, batch, args)
+                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                    metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+                                                  guard=guard, step=iteration, example_ids=rows))
+                    update_metrics.append(metrics)
+            # 4.5 Log.
+            grouped = rewards.view(-1, args.group_size)
+            metrics = {**average(update_metrics), "reward": float(rewards.mean()),
+                       "reward_std_in_group": float(grouped.std(dim=-1).mean()),
+                       "zero_advantage_groups": float((grouped == grouped[:, :1]).all(dim=-1).float().mean()),
+                       "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(rewards)),
+                       **response_metrics(rollout)}
+            if args.reward == "math":
+                metrics["accuracy"] = metrics["reward"]
+            if log_gold:
+                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            log.train(iteration + 1, metrics)
+    return final_path(args, policy, tokenizer, last, args.steps)
 
 
 def main(argv=None):
-    args = common.parse_args(GRPOArgs, argv, prog="python -m minirlhf grpo")
+    args = parse_args(GRPOArgs, argv, prog="python -m minirlhf grpo")
     print(f"saved {train_grpo(args)}")
     return 0
 

@@ -3,15 +3,18 @@ DPO on pairs the *current* policy samples and a judge labels.
 
 Offline DPO learns from a fixed dataset whose responses came from some other policy; as π_θ moves
 away from it, the data stops describing what π_θ actually does. Online DPO keeps the data
-on-policy. Each iteration:
+on-policy. Each iteration of the loop in ``train_online_dpo``:
 
-1. **Sample a pair.** Two responses per prompt from the current policy (rows 2g, 2g+1).
-2. **Label it.** A judge scores both — a reward model, or in the toy world the gold reward
+1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
+2. **Sample a pair.** Two responses per prompt from the current policy (rows 2g, 2g+1), and
+   their log-probs under π_ref (no gradient; π_θ's come with gradient in the update).
+3. **Label it.** A judge scores both — a reward model, or in the toy world the gold reward
    (``--reward gold``: the truth, a noise-free annotator) — and the higher score is ``y_w``.
    Ties carry no preference and are dropped from the loss.
-3. **Log-probs** of both responses under π_ref (no gradient) and π_θ (one forward for the pair).
 4. **DPO update** on the labelled pairs: ``L = −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) −
    (log π_θ(y_l) − log π_ref(y_l))])`` (or another pairwise ``--loss``; see ``dpo_loss``).
+5. **Log** the judge's scores, the labelled fraction, KL, lengths, and the implicit-reward
+   accuracy (ties ½).
 
     python -m minirlhf online-dpo                     # toy world, judged by the gold reward
     python -m minirlhf online-dpo --reward runs/rm/final          # judged by a reward model
@@ -27,16 +30,27 @@ import torch
 from minirlhf.core.dpo_losses import dpo_loss
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
+from minirlhf.core.reward_losses import pair_accuracy
+from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs
-from minirlhf.train import common
-from minirlhf.train.rollout import (
-    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
+from minirlhf.models.forward import response_logprobs, rollout_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.measure import gold_summary, is_toy_prompt
+from minirlhf.train.args import TrainArgs, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.metrics import TrainingLog, response_metrics
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.rewards import load_reward
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class OnlineDPOArgs(common.TrainArgs):
+class OnlineDPOArgs(TrainArgs):
     """Online DPO: the policy samples pairs, a reward model (or the toy gold reward) labels them."""
 
     reward: typing.Optional[str] = None
@@ -68,8 +82,8 @@ class OnlineDPOArgs(common.TrainArgs):
     """System prompt put in front of every prompt (default: the template's)."""
 
 
-def pair_loss(policy, batch, args):
-    """DPO loss of one micro-batch of labelled pairs; returns ``(loss, metrics)``.
+def sampled_pair_loss(policy, batch, args):
+    """DPO loss of one micro-batch of sampled, judge-labelled pairs; returns ``(loss, metrics)``.
 
     ``batch``: the pairs' ``input_ids``/``attention_mask``/``response_mask`` ``[2b, L]`` (rows
     ``0..b-1`` chosen, ``b..2b-1`` rejected: one forward for both halves) and ``ref_logps``
@@ -82,7 +96,7 @@ def pair_loss(policy, batch, args):
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta,
                                                         loss_type=args.loss, label_smoothing=args.label_smoothing)
     return losses.mean(), {
-        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "accuracy": pair_accuracy(chosen_rewards, rejected_rewards),
         "margin": (chosen_rewards - rejected_rewards).mean(),
         "chosen_reward": chosen_rewards.mean(),
         "rejected_reward": rejected_rewards.mean(),
@@ -91,75 +105,91 @@ def pair_loss(policy, batch, args):
 
 def train_online_dpo(args: OnlineDPOArgs):
     """Run online DPO with ``args``; returns the saved policy directory (``<out>/final``)."""
-    # 1. Defaults (the toy world's SFT policy, prompts and gold judge).
-    world = common.toy_world() if args.model is None or args.data is None else None
+    # 1. Defaults (the toy world's SFT policy, prompts and gold judge), run directory, seed.
+    world = load_toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.prompts), args.template or "prompt"
         args.reward = args.reward or "gold"
     if args.reward is None:
         raise MinirlhfError("online-dpo needs --reward: a reward-model directory or a rule name (gold, math)")
+    args.template = args.template or "prompt"  # online trainers read prompt-only data
+    resume_from = prepare_run(args, "online-dpo")
+    device = select_device(args.device)
 
-    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
-    #    reference, judge (the reward), prompts; optimizer (one step per iteration).
-    run = start_online_run(args, "online-dpo")
-    policy, tokenizer, device = run.policy, run.tokenizer, run.device
-    run.make_optimizer(policy)
+    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), judge, prompts.
+    tokenizer = load_tokenizer(args.model)
+    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    reward_fn = load_reward(args.reward, device=device)
+    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
+                        args.system_prompt)
+    log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
-        # 1. Two samples per prompt; 2. the judge's scores pick chosen and rejected.
-        with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, run.prompts.batch(iteration, device), args.max_new_tokens,
-                                        n_per_prompt=2, temperature=args.temperature)
-            scores = run.reward_fn(rollout)
-            # 3. Reference log-probs for the loss (the policy's come with gradient in it); the
-            #    sampling policy's only for the logged KL. Both at temperature 1: DPO's implicit
-            #    reward is defined by π_θ itself, not by the sampling distribution.
-            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout)
-        first, second = scores.view(-1, 2).unbind(-1)
-        labelled = (first != second).nonzero().flatten()  # ties carry no preference
-        first_wins = (first > second)[labelled]
-        chosen_rows = 2 * labelled + (~first_wins).long()
-        rejected_rows = 2 * labelled + first_wins.long()
+    # 3. Optimizer and schedule (one step per iteration); resume state.
+    optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    last = last_step(args, args.steps)
 
-        # 4. One DPO step over the labelled pairs, micro-batched by pairs (a mean over pairs).
-        metrics = {}
-        if len(labelled) > 0:
-            ref_logps = sequence_logprobs(ref_logprobs, mask, average=args.loss == "ipo")
-            data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
-            data["ref_logps"] = ref_logps
-            pairs = list(range(len(labelled)))
-            micro = []
-            for part in common.micro_batches(pairs, args.micro_batch_size):
-                rows = torch.cat([chosen_rows[part], rejected_rows[part]])
-                micro.append((labelled[part].tolist(), select_rows(data, rows)))
-            weights = [len(ids) / len(pairs) for ids, _ in micro]
-            metrics = common.accumulate_gradients(micro, lambda b: pair_loss(policy, b, args), weights,
-                                                  device=device, guard=guard, step=iteration)
-            metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
-                                                 guard=guard, step=iteration, example_ids=labelled.tolist()))
-            metrics["judge_margin"] = float((scores[chosen_rows] - scores[rejected_rows]).mean())
-        else:
-            run.scheduler.step()  # keep the schedule aligned with the iteration count
-        metrics.update({
-            "reward": float(scores.mean()),
-            "labelled_fraction": len(labelled) / len(first),
-            "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(scores)),
-            **response_metrics(rollout),
-        })
-        if run.prompts.is_toy:
-            metrics.update(gold_metrics(rollout))
-        return metrics
-
+    # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
-    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
-                          save_checkpoint=run.save_checkpoint, desc="online-dpo")
-    return final_path(args, args.steps, done, policy, tokenizer)
+    with TrainingLog(args, start, args.steps, last, desc="online-dpo") as log:
+        for iteration in range(start, last + 1):
+            # 4.1 Checkpoint; stop.
+            if checkpoint_due(args, iteration, start, last):
+                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+            if iteration == last:
+                break
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            # 4.2 Two samples per prompt; the judge's scores. Reference log-probs for the loss, the
+            #     sampling policy's for the logged KL, both at temperature 1: DPO's implicit reward
+            #     is defined by π_θ itself, not by the sampling distribution.
+            with autocast(device):
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+                                            n_per_prompt=2, temperature=args.temperature)
+                scores = reward_fn(rollout)
+                old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size)
+                ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size)
+            # 4.3 The higher score is chosen; ties carry no preference.
+            first, second = scores.view(-1, 2).unbind(-1)
+            labelled = (first != second).nonzero().flatten()
+            first_wins = (first > second)[labelled]
+            chosen_rows = 2 * labelled + (~first_wins).long()
+            rejected_rows = 2 * labelled + first_wins.long()
+            # 4.4 One DPO step over the labelled pairs, micro-batched by pairs (a mean over pairs).
+            metrics = {}
+            if len(labelled) > 0:
+                data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
+                data["ref_logps"] = sequence_logprobs(ref_logprobs, mask, average=args.loss == "ipo")
+                pairs = list(range(len(labelled)))
+                micro = [(labelled[part].tolist(), select_rows(data, torch.cat([chosen_rows[part], rejected_rows[part]])))
+                         for part in micro_batches(pairs, args.micro_batch_size)]
+                weights = accumulation_weights([len(ids) for ids, _ in micro])
+                for (ids, batch), weight in zip(micro, weights):
+                    with autocast(device):
+                        loss, loss_metrics = sampled_pair_loss(policy, batch, args)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+                                              guard=guard, step=iteration, example_ids=labelled.tolist()))
+                metrics["judge_margin"] = float((scores[chosen_rows] - scores[rejected_rows]).mean())
+            else:
+                scheduler.step()  # keep the schedule aligned with the iteration count
+            # 4.5 Log.
+            metrics.update({
+                "reward": float(scores.mean()),
+                "labelled_fraction": len(labelled) / len(first),
+                "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(scores)),
+                **response_metrics(rollout),
+            })
+            if log_gold:
+                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            log.train(iteration + 1, metrics)
+    return final_path(args, policy, tokenizer, last, args.steps)
 
 
 def main(argv=None):
-    args = common.parse_args(OnlineDPOArgs, argv, prog="python -m minirlhf online-dpo")
+    args = parse_args(OnlineDPOArgs, argv, prog="python -m minirlhf online-dpo")
     print(f"saved {train_online_dpo(args)}")
     return 0
 

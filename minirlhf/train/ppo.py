@@ -1,31 +1,27 @@
 """PPO for RLHF (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022): a policy, a critic,
 a reward model, and a frozen reference that the policy is kept close to.
 
-The objective is the KL-regularised reward, maximised with per-token credit assignment::
-
     max_θ  E_{x, y~π_θ} [ r_φ(x, y) ] − β · KL(π_θ(·|x) ‖ π_ref(·|x))
 
-Each iteration:
+Each iteration of the loop in ``train_ppo`` (the same steps as the file reads):
 
-1. **Rollout.** Sample one response per prompt from π_θ (KV-cached sampling, ``rollout.py``).
-2. **Score.** The reward model gives one scalar ``r_φ(x, y)`` per response (the *proxy* reward);
+1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
+2. **Rollout.** One response per prompt from π_θ (the KV-cached sampler, ``models/sampling.py``).
+3. **Score.** The reward model gives one scalar ``r_φ(x, y)`` per response (the *proxy* reward);
    in the toy world the *gold* reward r*(x, y) is logged next to it, never trained on.
-3. **Log-probs and values of the rollout** under π_θ (= π_old), π_ref and the critic V_ψ.
-4. **KL-shaped rewards.** ``r_t = −β·kl_t`` on every response token, plus ``r_φ(x, y)`` on the
-   last one (``kl_shaped_rewards``; ``kl_t = log π_old − log π_ref``, estimator k1, by default).
-5. **Advantages.** GAE over the response tokens (``gae_advantages``), then whitened over the
-   batch (``masked_whiten``): PPO's step size should not depend on the reward model's scale.
-6. **Update.** ``ppo_epochs`` passes over the rollout in shuffled minibatches; each minimises
-   ``L = L_clip(π_θ) + c_v · L_value(V_ψ) − c_H · H(π_θ) [+ c_ptx · NLL_SFT(π_θ)]``
-   (``ppo_policy_loss``, ``ppo_value_loss``; entropy bonus; the optional ptx term of InstructGPT
-   keeps the policy fluent on demonstration data).
+4. **Log-probs and values of the rollout** under π_θ (= π_old), π_ref and the critic V_ψ.
+5. **KL-shaped rewards** ``r_t = −β·kl_t`` on every response token, plus ``r_φ(x, y)`` on the
+   last one (``kl_t = log π_old − log π_ref``, estimator k1 by default); **GAE** advantages
+   (``gae_advantages``), whitened over the batch: the step size should not depend on the RM's scale.
+6. **Update.** ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``ppo_loss``:
+   ``L_clip(π_θ) + c_v · L_value(V_ψ) − c_H · H(π_θ) [+ c_ptx · NLL_SFT(π_θ)]`` (the optional ptx
+   term of InstructGPT keeps the policy fluent on demonstration data).
 7. **KL controller** (optional, Ziegler et al.): ``β ← β·(1 + K·e)``,
-   ``e = clip(KL/KL_target − 1, ±0.2)``, ``K = batch_size / horizon``.
+   ``e = clip(KL/KL_target − 1, ±0.2)``, ``K = batch_size / horizon``; then **log**.
 
-**The critic** is initialised from the reward model when the reward is a reward model
-(``--critic-init reward_model``, as InstructGPT: its head already predicts something like the final
-score), else from the policy's backbone with a fresh head. It is a separate network from the
-policy; both are updated by one AdamW at the same learning rate.
+**The critic** is initialised from the reward model when the reward is one (``--critic-init
+reward_model``, as InstructGPT), else from the policy's backbone with a fresh head; one AdamW
+updates both at the same learning rate.
 
 **Over-optimisation.** The reward model is a proxy. Pushed with a small β, PPO finds what the proxy
 pays for and the truth does not (in the toy world: filler words, a planted length bias): the
@@ -35,8 +31,6 @@ proxy score rises while the gold reward falls (Gao et al. 2023). ``out/train.csv
     python -m minirlhf ppo --reward runs/rm/final                 # toy world, toy SFT policy
     python -m minirlhf ppo --model Qwen/Qwen2.5-0.5B-Instruct --reward RM_DIR --data prompts.jsonl \\
         --template prompt --lr 1e-6 --max-new-tokens 128 --batch-size 64 --minibatch-size 16
-
-From Python: ``train_ppo(PPOArgs(reward=..., out=...))`` returns the saved policy directory.
 """
 import dataclasses
 import sys
@@ -47,20 +41,31 @@ import torch
 
 from minirlhf.core.gae import gae_advantages
 from minirlhf.core.kl import kl_shaped_rewards
-from minirlhf.core.masked import masked_mean, masked_whiten, masked_sum
+from minirlhf.core.masked import masked_mean, masked_sum, masked_whiten
 from minirlhf.core.ppo_losses import ppo_policy_loss, ppo_value_loss
+from minirlhf.data.collate import collate_sft, to_device
+from minirlhf.data.datasets import load_sft_data
+from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs
+from minirlhf.models.forward import response_logprobs, rollout_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.sampling import generate_rollouts
 from minirlhf.models.value_model import ValueModel
-from minirlhf.train import common
-from minirlhf.train.rewards import RewardModelReward
-from minirlhf.train.rollout import (
-    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
+from minirlhf.toy.measure import gold_summary, is_toy_prompt
+from minirlhf.train.args import TrainArgs, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint, save_model,
 )
+from minirlhf.train.metrics import TrainingLog, average, response_metrics
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.rewards import RewardModelReward, load_reward
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class PPOArgs(common.TrainArgs):
+class PPOArgs(TrainArgs):
     """PPO with a value model and KL-shaped per-token rewards."""
 
     reward: typing.Optional[str] = None
@@ -123,16 +128,11 @@ class PPOArgs(common.TrainArgs):
     """System prompt put in front of every prompt (default: the template's)."""
 
 
-class AdaptiveKLController:
-    """Ziegler et al. (2019): ``β ← β·(1 + K·e)`` with ``e = clip(KL/KL_target − 1, −0.2, 0.2)``
-    and ``K = n / horizon`` for ``n`` responses seen this update."""
-
-    def __init__(self, beta, target, horizon):
-        self.beta, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl, n):
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.beta *= 1.0 + error * n / self.horizon
+def adapt_kl_coef(beta, kl, target, n, horizon):
+    """Ziegler et al. (2019): ``β·(1 + e·n/horizon)`` with ``e = clip(KL/KL_target − 1, −0.2, 0.2)``
+    for ``n`` responses seen this update."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n / horizon)
 
 
 def ppo_loss(policy, critic, batch, args):
@@ -167,11 +167,18 @@ def ppo_loss(policy, critic, batch, args):
     return loss, metrics
 
 
+def ptx_batch(examples, pad_id, n, device):
+    """``n`` random SFT examples for the ptx term, as ``ptx_``-prefixed tensors."""
+    rows = torch.randint(len(examples), (n,)).tolist()
+    batch = to_device(collate_sft([examples[i] for i in rows], pad_id), device)
+    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
+
+
 def train_ppo(args: PPOArgs):
     """Run PPO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable;
     the critic is saved next to it in ``<out>/critic``)."""
-    # 1. Defaults (the toy world's SFT policy, prompts and gold reward).
-    world = common.toy_world() if args.model is None or args.data is None else None
+    # 1. Defaults (the toy world's SFT policy, prompts and gold reward), and what they must satisfy.
+    world = load_toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.prompts), args.template or "prompt"
@@ -182,119 +189,109 @@ def train_ppo(args: PPOArgs):
                             "`python -m minirlhf rm`) or a rule name (math, gold)")
     if args.ptx_coef > 0 and args.ptx_data is None:
         raise MinirlhfError("--ptx-coef > 0 needs --ptx-data (an SFT file)")
-
-    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
-    #    reference, reward, prompts; the critic and the ptx data.
-    run = start_online_run(args, "ppo")
-    policy, tokenizer, device = run.policy, run.tokenizer, run.device
-    if args.critic_init == "reward_model" and isinstance(run.reward_fn, RewardModelReward):
-        critic = ValueModel.from_pretrained(args.reward, dtype=common.TRAIN_DTYPE, device=device)
-    else:
-        critic = ValueModel.from_causal_lm(args.model, dtype=common.TRAIN_DTYPE, device=device, seed=args.seed)
-    ptx = _ptx_examples(args, tokenizer) if args.ptx_coef > 0 else None
-
-    # 3. One optimizer over policy and critic; the schedule counts optimizer steps. A checkpoint
-    #    also holds the critic and the KL controller's β.
     if args.batch_size % args.minibatch_size:
         raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    args.template = args.template or "prompt"  # online trainers read prompt-only data
+    resume_from = prepare_run(args, "ppo")
+    device = select_device(args.device)
+
+    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts,
+    #    critic, ptx data.
+    tokenizer = load_tokenizer(args.model)
+    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    reward_fn = load_reward(args.reward, device=device)
+    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
+                        args.system_prompt)
+    log_gold = all(map(is_toy_prompt, prompts.texts))
+    if args.critic_init == "reward_model" and isinstance(reward_fn, RewardModelReward):
+        critic = ValueModel.from_pretrained(args.reward, dtype=TRAIN_DTYPE, device=device)
+    else:
+        critic = ValueModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed)
+    ptx = None
+    if args.ptx_coef > 0:
+        ptx = load_sft_data(args.ptx_data, args.ptx_template or "sft", tokenizer, args.max_len,
+                            args.max_prompt_len, args.system_prompt)[0]
+
+    # 3. One optimizer over policy and critic, its schedule counted in optimizer steps; resume
+    #    state (a checkpoint also holds the critic and the KL coefficient β).
     models = torch.nn.ModuleDict({"policy": policy, "critic": critic})
-    extra = run.make_optimizer(models, updates_per_iteration=args.ppo_epochs * args.batch_size // args.minibatch_size)
-    kl_controller = AdaptiveKLController(args.beta, args.target_kl, args.kl_horizon)
-    if run.resume_from:
-        critic.load_state_dict(extra["critic"])
-        kl_controller.beta = extra["beta"]
+    optimizer = make_optimizer(models.parameters(), args.lr, args.weight_decay)
+    updates = args.ppo_epochs * args.batch_size // args.minibatch_size
+    scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
+    start, beta = 0, args.beta
+    if resume_from:
+        state = load_training_state(resume_from, optimizer, scheduler)
+        start, beta = state["step"], state["extra"]["beta"]
+        critic.load_state_dict(state["extra"]["critic"])
+    last = last_step(args, args.steps)
 
-    def save_checkpoint(done):
-        return run.save_checkpoint(done, {"critic": critic.state_dict(), "beta": kl_controller.beta})
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler,
+                               {"critic": critic.state_dict(), "beta": beta})
 
-    def one_iteration(iteration):
-        # A NaN/inf stops the run with a checkpoint of the weights before the failing step.
-        guard = common.DivergenceGuard(lambda: save_checkpoint(iteration))
-        # 1. Rollout: one response per prompt from the current policy.
-        prompt_batch = run.prompts.batch(iteration, device)
-        with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, prompt_batch, args.max_new_tokens,
-                                        temperature=args.temperature)
-            # 2. Score with the reward (proxy); 3. log-probs under π_old and π_ref, values.
-            scores = run.reward_fn(rollout)
-            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
-            with torch.no_grad():
-                old_values = critic(rollout["input_ids"], rollout["attention_mask"])[:, :-1]
-        # 4. KL-shaped per-token rewards; 5. GAE advantages, whitened over the batch.
-        rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_controller.beta, args.kl_estimator)
-        advantages, returns = gae_advantages(rewards, old_values, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)
-        data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
-        data.update({"old_logprobs": old_logprobs, "old_values": old_values,
-                     "advantages": advantages, "returns": returns})
-
-        # 6. PPO epochs over shuffled minibatches, gradient accumulation over micro-batches
-        #    weighted by their share of the minibatch's response tokens (token-mean losses).
-        update_metrics = []
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(args.batch_size).tolist()
-            for start_row in range(0, args.batch_size, args.minibatch_size):
-                rows = order[start_row : start_row + args.minibatch_size]
-                micro = []
-                for part in common.micro_batches(rows, args.micro_batch_size):
-                    batch = select_rows(data, part)
-                    if ptx is not None:
-                        batch.update(_ptx_batch(ptx, tokenizer, len(part), device))
-                    micro.append((part, batch))
-                tokens = [float(b["response_mask"].sum()) for _, b in micro]
-                weights = [n / sum(tokens) for n in tokens]
-                metrics = common.accumulate_gradients(
-                    micro, lambda b: ppo_loss(policy, critic, b, args), weights,
-                    device=device, guard=guard, step=iteration,
-                )
-                metrics.update(common.optimizer_step(models, run.optimizer, run.scheduler, args.max_grad_norm,
-                                                     guard=guard, step=iteration, example_ids=rows))
-                update_metrics.append(metrics)
-
-        # 7. Adapt β to the measured KL per response; log what happened.
-        sequence_kl = float(masked_sum(kl, mask) / len(scores))
-        if args.adaptive_kl:
-            kl_controller.update(sequence_kl, args.batch_size)
-        metrics = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
-        metrics.update({
-            "reward": float(scores.mean()),
-            "kl": sequence_kl,
-            "shaped_reward": float(masked_sum(rewards, mask) / len(scores)),
-            "beta": kl_controller.beta,
-            **response_metrics(rollout),
-        })
-        if run.prompts.is_toy:
-            metrics.update(gold_metrics(rollout))
-        return metrics
-
+    # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
     critic.train()
-    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
-                          save_checkpoint=save_checkpoint, desc="ppo")
-    if done == args.steps:
-        common.write_dir_atomic(Path(args.out) / "critic", lambda tmp: critic.save_pretrained(tmp, tokenizer))
-    return final_path(args, args.steps, done, policy, tokenizer)
-
-
-def _ptx_examples(args, tokenizer):
-    from minirlhf.data import load_sft_data
-
-    examples, _ = load_sft_data(args.ptx_data, args.ptx_template or "sft", tokenizer, args.max_len,
-                                args.max_prompt_len, args.system_prompt)
-    return examples
-
-
-def _ptx_batch(examples, tokenizer, n, device):
-    """``n`` random SFT examples for the ptx term, as ``ptx_``-prefixed tensors."""
-    from minirlhf.data import collate_sft
-
-    rows = torch.randint(len(examples), (n,)).tolist()
-    batch = common.to_device(collate_sft([examples[i] for i in rows], tokenizer.pad_token_id), device)
-    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
+    with TrainingLog(args, start, args.steps, last, desc="ppo") as log:
+        for iteration in range(start, last + 1):
+            # 4.1 Checkpoint; stop.
+            if checkpoint_due(args, iteration, start, last):
+                save(iteration)
+            if iteration == last:
+                break
+            guard = DivergenceGuard(lambda: save(iteration))
+            # 4.2 Rollout; 4.3 score (proxy); 4.4 log-probs under π_old and π_ref, values.
+            with autocast(device):
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+                                            temperature=args.temperature)
+                scores = reward_fn(rollout)
+                old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
+                ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+                with torch.no_grad():
+                    old_values = critic(rollout["input_ids"], rollout["attention_mask"])[:, :-1]
+            # 4.5 KL-shaped per-token rewards; GAE advantages, whitened over the batch.
+            rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator)
+            advantages, returns = gae_advantages(rewards, old_values, mask, args.gamma, args.lam)
+            data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
+            data.update(old_logprobs=old_logprobs, old_values=old_values, returns=returns,
+                        advantages=masked_whiten(advantages, mask))
+            # 4.6 PPO epochs over shuffled minibatches; micro-batches weighted by response tokens.
+            update_metrics = []
+            for _ in range(args.ppo_epochs):
+                order = torch.randperm(args.batch_size).tolist()
+                for first in range(0, args.batch_size, args.minibatch_size):
+                    rows = order[first : first + args.minibatch_size]
+                    micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
+                    if ptx is not None:  # InstructGPT's ptx term: random SFT examples beside each micro-batch
+                        for part, batch in micro:
+                            batch.update(ptx_batch(ptx, tokenizer.pad_token_id, len(part), device))
+                    weights = accumulation_weights([response_tokens(batch) for _, batch in micro])
+                    metrics = {}
+                    for (ids, batch), weight in zip(micro, weights):
+                        with autocast(device):
+                            loss, loss_metrics = ppo_loss(policy, critic, batch, args)
+                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                    metrics.update(optimizer_step(models, optimizer, scheduler, args.max_grad_norm,
+                                                  guard=guard, step=iteration, example_ids=rows))
+                    update_metrics.append(metrics)
+            # 4.7 Adapt β to the measured KL per response; log.
+            sequence_kl = float(masked_sum(kl, mask) / len(scores))
+            if args.adaptive_kl:
+                beta = adapt_kl_coef(beta, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
+            metrics = {**average(update_metrics), "reward": float(scores.mean()), "kl": sequence_kl,
+                       "shaped_reward": float(masked_sum(rewards, mask) / len(scores)), "beta": beta,
+                       **response_metrics(rollout)}
+            if log_gold:
+                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            log.train(iteration + 1, metrics)
+    if last == args.steps:
+        save_model(critic, tokenizer, Path(args.out) / "critic")
+    return final_path(args, policy, tokenizer, last, args.steps)
 
 
 def main(argv=None):
-    args = common.parse_args(PPOArgs, argv, prog="python -m minirlhf ppo")
+    args = parse_args(PPOArgs, argv, prog="python -m minirlhf ppo")
     print(f"saved {train_ppo(args)}")
     return 0
 

@@ -1,7 +1,7 @@
 """Reward functions for the online trainers: rule-based rewards by name, or a learned reward model.
 
 Every reward is a callable ``reward(rollout) -> Tensor [B]`` over a rollout batch (see
-``minirlhf.train.rollout``), which carries both what a rule needs (``prompts``, ``responses``, and
+``minirlhf.models.sampling``), which carries both what a rule needs (``prompts``, ``responses``, and
 ``answers`` when the prompt file has them) and what a reward model needs (``input_ids``,
 ``attention_mask``). ``load_reward(spec)`` turns a command-line ``--reward`` value into one:
 
@@ -19,6 +19,8 @@ import re
 import torch
 
 from minirlhf.errors import MinirlhfError
+from minirlhf.models.reward_model import RewardModel, load_reward_model
+from minirlhf.toy.language import gold_reward, math_correct
 
 #: name -> fn(prompts, responses, answers) -> list of floats, one per response
 REWARD_FUNCTIONS = {}
@@ -51,8 +53,6 @@ def math_reward(prompts, responses, answers):
     the entry is None) the prompt must be a toy-world arithmetic prompt, whose answer the toy
     world knows (``minirlhf.toy.language.math_correct``).
     """
-    from minirlhf.toy.language import math_correct
-
     rewards = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         answer = None if answers is None else answers[i]
@@ -67,8 +67,6 @@ def math_reward(prompts, responses, answers):
 @register_reward("gold")
 def toy_gold_reward(prompts, responses, answers):
     """The toy world's gold reward r*(x, y) (helpful + harmless); toy prompts only."""
-    from minirlhf.toy.language import gold_reward
-
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
@@ -95,12 +93,10 @@ class RewardModelReward:
     """
 
     def __init__(self, model_or_path, device=None, dtype=None):
-        from minirlhf.models import RewardModel
-
         if isinstance(model_or_path, RewardModel):
             self.model, self.name = model_or_path, "reward model"
         else:
-            self.model, self.name = RewardModel.from_pretrained(str(model_or_path), dtype=dtype), str(model_or_path)
+            self.model, self.name = load_reward_model(str(model_or_path), dtype=dtype), str(model_or_path)
         if device is not None:
             self.model.to(device)
         self.model.eval().requires_grad_(False)

@@ -14,8 +14,9 @@ depend on y_i and the gradient stays unbiased. One gradient step per rollout bat
 update on-policy, so no importance ratio or clipping is needed (a second step on the same samples
 would need PPO's ratio: that is what ``grpo``'s clipped loss adds).
 
-Each iteration: 1. rollout (G samples per prompt); 2. reward; 3. log-probs under π_old and π_ref,
-KL-penalised sequence rewards; 4. leave-one-out advantages; 5. one REINFORCE step.
+Each iteration of the loop in ``train_rloo``: 1. checkpoint, stop after the last; 2. rollout (G
+samples per prompt), reward, log-probs under π_old and π_ref; 3. KL-penalised sequence rewards and
+their leave-one-out advantages; 4. one REINFORCE step; 5. log.
 
     python -m minirlhf rloo                        # toy world: arithmetic prompts, reward "math"
     python -m minirlhf rloo --reward runs/rm/final --data prompts.jsonl --template prompt
@@ -29,15 +30,25 @@ import typing
 from minirlhf.core.grpo import rloo_advantages
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
-from minirlhf.models.forward import response_logprobs
-from minirlhf.train import common
-from minirlhf.train.rollout import (
-    final_path, generate_rollouts, gold_metrics, response_metrics, run_iterations, select_rows, start_online_run,
+from minirlhf.data.prompts import PromptSet
+from minirlhf.models.forward import response_logprobs, rollout_logprobs
+from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.measure import gold_summary, is_toy_prompt
+from minirlhf.train.args import TrainArgs, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.metrics import TrainingLog, response_metrics
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.rewards import load_reward
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class RLOOArgs(common.TrainArgs):
+class RLOOArgs(TrainArgs):
     """RLOO: REINFORCE with a leave-one-out baseline and the KL penalty in the reward."""
 
     reward: str = "math"
@@ -76,58 +87,78 @@ def reinforce_loss(policy, batch, args):
 
 def train_rloo(args: RLOOArgs):
     """Run RLOO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable)."""
-    # 1. Defaults (the toy world's SFT policy and arithmetic prompts).
-    world = common.toy_world() if args.model is None or args.data is None else None
+    # 1. Defaults (the toy world's SFT policy and arithmetic prompts), run directory, seed.
+    world = load_toy_world() if args.model is None or args.data is None else None
     args.model = args.model or str(world.sft_model)
     if args.data is None:
         args.data, args.template = str(world.math_prompts), args.template or "prompt"
+    args.template = args.template or "prompt"  # online trainers read prompt-only data
+    resume_from = prepare_run(args, "rloo")
+    device = select_device(args.device)
 
-    # 2. Run directory and seed; tokenizer, policy (from the checkpoint when resuming), frozen
-    #    reference, reward, prompts; optimizer (one step per iteration).
-    run = start_online_run(args, "rloo")
-    policy, tokenizer, device = run.policy, run.tokenizer, run.device
-    run.make_optimizer(policy)
+    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
+    tokenizer = load_tokenizer(args.model)
+    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    reward_fn = load_reward(args.reward, device=device)
+    prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
+                        args.system_prompt)
+    log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    def one_iteration(iteration):
-        guard = common.DivergenceGuard(lambda: run.save_checkpoint(iteration))
-        # 1. Rollout; 2. reward; 3. KL-penalised sequence rewards.
-        with common.autocast(device):
-            rollout = generate_rollouts(policy, tokenizer, run.prompts.batch(iteration, device), args.max_new_tokens,
-                                        n_per_prompt=args.group_size, temperature=args.temperature)
-            scores = run.reward_fn(rollout)
-            old_logprobs, ref_logprobs, mask = run.policy_and_reference_logprobs(rollout, args.temperature)
-        sequence_kl = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
-        # 4. Leave-one-out advantages of the penalised rewards.
-        advantages = rloo_advantages(scores - args.beta * sequence_kl, args.group_size)
-        data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
-        data["advantages"] = advantages
+    # 3. Optimizer and schedule (one step per iteration); resume state.
+    optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    last = last_step(args, args.steps)
 
-        # 5. One REINFORCE step; micro-batches weigh by their share of the rows (a mean over rows).
-        rows = list(range(len(scores)))
-        micro = [(part, select_rows(data, part)) for part in common.micro_batches(rows, args.micro_batch_size)]
-        weights = [len(part) / len(rows) for part, _ in micro]
-        metrics = common.accumulate_gradients(micro, lambda b: reinforce_loss(policy, b, args), weights,
-                                              device=device, guard=guard, step=iteration)
-        metrics.update(common.optimizer_step(policy, run.optimizer, run.scheduler, args.max_grad_norm,
-                                             guard=guard, step=iteration, example_ids=rows))
-        metrics.update({
-            "reward": float(scores.mean()),
-            "kl": float(sequence_kl.mean()),
-            "penalised_reward": float((scores - args.beta * sequence_kl).mean()),
-            **response_metrics(rollout),
-        })
-        if run.prompts.is_toy:
-            metrics.update(gold_metrics(rollout))
-        return metrics
-
+    # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
-    done = run_iterations(args, total=args.steps, start=run.start, one_iteration=one_iteration,
-                          save_checkpoint=run.save_checkpoint, desc="rloo")
-    return final_path(args, args.steps, done, policy, tokenizer)
+    with TrainingLog(args, start, args.steps, last, desc="rloo") as log:
+        for iteration in range(start, last + 1):
+            # 4.1 Checkpoint; stop.
+            if checkpoint_due(args, iteration, start, last):
+                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+            if iteration == last:
+                break
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            # 4.2 Rollout; reward; log-probs under π_old and π_ref.
+            with autocast(device):
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
+                                            n_per_prompt=args.group_size, temperature=args.temperature)
+                scores = reward_fn(rollout)
+                old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
+                ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
+            # 4.3 KL-penalised sequence rewards and their leave-one-out advantages.
+            sequence_kl = masked_sum(old_logprobs - ref_logprobs, mask, dim=-1)
+            advantages = rloo_advantages(scores - args.beta * sequence_kl, args.group_size)
+            data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
+            data["advantages"] = advantages
+            # 4.4 One REINFORCE step; micro-batches weigh by their share of the rows (a mean over rows).
+            rows = list(range(len(scores)))
+            micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
+            weights = accumulation_weights([len(part) for part, _ in micro])
+            metrics = {}
+            for (ids, batch), weight in zip(micro, weights):
+                with autocast(device):
+                    loss, loss_metrics = reinforce_loss(policy, batch, args)
+                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
+                                          guard=guard, step=iteration, example_ids=rows))
+            # 4.5 Log.
+            metrics.update({
+                "reward": float(scores.mean()),
+                "kl": float(sequence_kl.mean()),
+                "penalised_reward": float((scores - args.beta * sequence_kl).mean()),
+                **response_metrics(rollout),
+            })
+            if log_gold:
+                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            log.train(iteration + 1, metrics)
+    return final_path(args, policy, tokenizer, last, args.steps)
 
 
 def main(argv=None):
-    args = common.parse_args(RLOOArgs, argv, prog="python -m minirlhf rloo")
+    args = parse_args(RLOOArgs, argv, prog="python -m minirlhf rloo")
     print(f"saved {train_rloo(args)}")
     return 0
 

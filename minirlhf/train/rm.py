@@ -11,6 +11,9 @@ With ``--loss kwise`` each record ranks K responses to one prompt (InstructGPT):
 pairs enter the loss, weighted as one example (``kwise_bradley_terry_loss``). The ranking file is
 JSONL with ``{"prompt": ..., "responses": [best, ..., worst]}`` (K may vary between records).
 
+The loop is SFT's (``sft.py``): evaluate and checkpoint, stop, forward/backward, log. The loss is
+a mean over pairs, so micro-batches weigh by their share of the batch's pairs.
+
     python -m minirlhf rm                                  # toy world: SFT model, pref_train/test
     python -m minirlhf rm --model SFT_DIR --data train.jsonl --template align_anything
 """
@@ -21,24 +24,30 @@ import typing
 import torch
 
 from minirlhf.core.reward_losses import bradley_terry_loss, kwise_bradley_terry_loss
-from minirlhf.data.chat import tokenize_prompt_response
-from minirlhf.data.collate import collate_preference, pad_sequences
-from minirlhf.data.datasets import DataReport, load_preference_data, located_records
-from minirlhf.data.templates import SkipRecord, prompt_field, text_field
-from minirlhf.errors import DataError, MinirlhfError
-from minirlhf.eval.eval_rm import pair_scores, rm_metrics
+from minirlhf.data.collate import collate_preference, collate_rankings, to_device
+from minirlhf.data.datasets import load_preference_data
+from minirlhf.data.order import BatchSchedule, hold_out
+from minirlhf.data.rankings import load_ranking_data
+from minirlhf.errors import MinirlhfError
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.train import common
+from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
+)
+from minirlhf.train.metrics import TrainingLog, eval_due
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.toy_world import load_toy_world
 
-
-# Hyperparameters for the toy world's ~1M-parameter SFT backbone (fields left at their defaults).
-# Measured on toy world v1, seed 0: test accuracy 72.4% after 1 epoch (Bayes-optimal 75.1%).
+# The toy world's ~1M-parameter SFT backbone wants a larger learning rate and shorter sequences
+# (applied to the fields not set explicitly when no --model is given).
 TOY_PRESET = dict(lr=5e-4, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
 
 
 @dataclasses.dataclass
-class RMArgs(common.TrainArgs):
+class RMArgs(TrainArgs):
     """Reward-model training (Bradley–Terry on pairs, or K-wise on rankings)."""
 
     template: str = "align_anything"
@@ -57,66 +66,6 @@ class RMArgs(common.TrainArgs):
     """Peak learning rate of AdamW."""
     system_prompt: typing.Optional[str] = None
     """System prompt put in front of every conversation."""
-
-
-# ---------------------------------------------------------------------------------------------
-# K-wise ranking data: {"prompt": ..., "responses": [best, ..., worst]}
-# ---------------------------------------------------------------------------------------------
-
-
-def load_ranking_data(path, tokenizer, max_len, max_prompt_len, system_prompt=None):
-    """Tokenized rankings: each example has ``prompt``, ``responses`` (best first), ``input_ids``
-    and ``response_mask`` (one list per response). Responses that do not fit are dropped (the
-    ranking of the rest is unchanged); a record left with fewer than 2 is skipped and counted."""
-    report, examples = DataReport(str(path), "ranking"), []
-    for where, record in located_records(path):
-        report.records += 1
-        try:
-            prompt = prompt_field(record, "prompt")
-            responses = record.get("responses")
-            if not isinstance(responses, list) or len(responses) < 2:
-                raise DataError("field 'responses': expected a list of at least 2 responses, best first")
-            responses = [text_field({"response": r}, "response") for r in responses]
-        except DataError as err:
-            raise DataError(f"{path}, {where}: {err}") from None
-        kept = []
-        for response in responses:
-            try:
-                kept.append((response, *tokenize_prompt_response(tokenizer, prompt, response, max_len, max_prompt_len, system_prompt)))
-            except SkipRecord:
-                continue
-        if len(kept) < 2:
-            report.skipped["fewer than 2 responses fit in max_len"] += 1
-            continue
-        report.kept += 1
-        report.truncated_responses += any(t.response_tokens_cut for *_, t in kept)
-        examples.append({"prompt": prompt, "responses": [k[0] for k in kept],
-                         "input_ids": [k[1] for k in kept], "response_mask": [k[2] for k in kept]})
-    report.examples = len(examples)
-    return examples, report
-
-
-def collate_rankings(examples, pad_id):
-    """Rankings -> ``input_ids``/``attention_mask`` ``[P·K, L]`` (row p·K + k is response k of
-    prompt p; missing responses are 1-token padding rows) and ``rank_mask`` ``[P, K]``."""
-    k = max(len(e["input_ids"]) for e in examples)
-    rows, lengths, rank_mask = [], [], torch.zeros(len(examples), k, dtype=torch.bool)
-    for p, example in enumerate(examples):
-        for j in range(k):
-            present = j < len(example["input_ids"])
-            rows.append(example["input_ids"][j] if present else [pad_id])
-            lengths.append(len(rows[-1]))
-            rank_mask[p, j] = present
-    return {
-        "input_ids": pad_sequences(rows, pad_id),
-        "attention_mask": pad_sequences([[1] * n for n in lengths], 0),
-        "rank_mask": rank_mask,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
 
 
 def pairwise_rm_loss(model, batch, margin=0.0, center_coef=0.0):
@@ -147,9 +96,53 @@ def kwise_rm_loss(model, batch):
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def pair_scores(model, examples, pad_id, batch_size, device):
+    """``(chosen [N], rejected [N])`` end scores r(x, y_w), r(x, y_l) of preference examples (float32,
+    CPU); one forward per batch over the concatenated ``[2B, L]`` pairs."""
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = to_device(collate_preference(examples[start : start + batch_size], pad_id), device)
+        with autocast(device):
+            _, end_scores = model(batch["input_ids"], batch["attention_mask"])
+        c, r = end_scores.float().cpu().chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def rm_metrics(chosen, rejected):
+    """Accuracy (ties ½), Bradley–Terry loss, reward mean/std over all 2N responses, chosen and
+    rejected mean rewards and the mean margin r(y_w) − r(y_l)."""
+    loss, accuracy = bradley_terry_loss(chosen, rejected)
+    both = torch.cat([chosen, rejected])
+    return {
+        "accuracy": float(accuracy),
+        "loss": float(loss),
+        "reward_mean": float(both.mean()),
+        "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+        "chosen_reward": float(chosen.mean()),
+        "rejected_reward": float(rejected.mean()),
+        "margin": float((chosen - rejected).mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate_rm(model, examples, args, pad_id, device):
+    """Test-split metrics: ``rm_metrics`` of the pairs, or the K-wise loss's metrics averaged over
+    the rankings (weighted by prompts)."""
+    model.eval()
+    if args.loss != "kwise":
+        return rm_metrics(*pair_scores(model, examples, pad_id, args.batch_size, device))
+    totals = {}
+    for start in range(0, len(examples), args.batch_size):
+        chunk = examples[start : start + args.batch_size]
+        with autocast(device):
+            loss, metrics = kwise_rm_loss(model, to_device(collate_rankings(chunk, pad_id), device))
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * len(chunk) / len(examples)
+    return totals
 
 
 def train_rm(args: RMArgs):
@@ -157,78 +150,85 @@ def train_rm(args: RMArgs):
     with ``RewardModel.from_pretrained`` or ``AutoModelForSequenceClassification``."""
     # 1. Defaults (toy world: the SFT policy and its preference splits), run directory, seed.
     if args.model is None or args.data is None:
-        world = common.toy_world()
+        world = load_toy_world()
         if args.model is None:
             args.model = str(world.sft_model)
-            common.apply_toy_preset(args, TOY_PRESET)
+            apply_toy_preset(args, TOY_PRESET)
         if args.data is None:
             if args.loss == "kwise":
                 raise MinirlhfError("--loss kwise needs --data: a JSONL of {prompt, responses: [best, ..., worst]}")
             args.data, args.eval_data = str(world.pref_train), args.eval_data or str(world.pref_test)
             args.template = world.templates["pref_train"]
-    resume_from = common.prepare_run(args, "rm")
-    device = common.select_device(args.device)
+    resume_from = prepare_run(args, "rm")
+    device = select_device(args.device)
 
     # 2. Tokenizer, reward model (SFT backbone + new head, or the checkpoint), data and test split.
     tokenizer = load_tokenizer(args.model)
+    pad_id = tokenizer.pad_token_id
     if resume_from:
-        model = RewardModel.from_pretrained(resume_from, dtype=common.TRAIN_DTYPE, device=device)
+        model = RewardModel.from_pretrained(resume_from, dtype=TRAIN_DTYPE, device=device)
     else:
-        model = RewardModel.from_causal_lm(args.model, dtype=common.TRAIN_DTYPE, device=device, seed=args.seed)
-    limits = common.data_limits(args)
-    if args.loss == "kwise":
+        model = RewardModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed)
+    limits, kwise = data_limits(args), args.loss == "kwise"
+    if kwise:
         load = lambda path: load_ranking_data(path, tokenizer, system_prompt=args.system_prompt, **limits)  # noqa: E731
-        collate, loss_fn = collate_rankings, lambda batch: kwise_rm_loss(model, batch)
     else:
         load = lambda path: load_preference_data(path, args.template, tokenizer, system_prompt=args.system_prompt, **limits)  # noqa: E731
-        collate = collate_preference
-        loss_fn = lambda batch: pairwise_rm_loss(model, batch, args.margin, args.center_coef)  # noqa: E731
+    collate = collate_rankings if kwise else collate_preference
     train_examples, report = load(args.data)
     print(report, file=sys.stderr)
     if args.eval_data:
         eval_examples = load(args.eval_data)[0]
     else:  # a held-out slice of --data, fixed by the seed
-        order = common.epoch_permutation(len(train_examples), args.seed, epoch=-1)
-        n_eval = int(round(args.eval_fraction * len(train_examples)))
-        eval_examples = [train_examples[i] for i in order[:n_eval]]
-        train_examples = [train_examples[i] for i in order[n_eval:]]
+        train_examples, eval_examples = hold_out(train_examples, args.eval_fraction, args.seed)
 
     # 3. Optimizer, schedule, deterministic batch order; resume state.
-    schedule = common.BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
-    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start_step = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
+    optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    total, last = schedule.total_steps, last_step(args, schedule.total_steps)
 
-    # 4. Micro-batches weigh by their share of the batch's examples (the loss is a mean over pairs).
-    def make_micro_batches(indices):
-        micro = [(ids, common.to_device(collate([train_examples[i] for i in ids], tokenizer.pad_token_id), device))
-                 for ids in common.micro_batches(indices, args.micro_batch_size)]
-        return micro, [len(ids) / len(indices) for ids, _ in micro]
-
-    def evaluate():
-        if args.loss == "kwise":  # average the per-batch K-wise metrics, weighted by prompts
-            totals = {}
-            for start in range(0, len(eval_examples), args.batch_size):
-                chunk = eval_examples[start : start + args.batch_size]
-                loss, metrics = kwise_rm_loss(model, common.to_device(collate(chunk, tokenizer.pad_token_id), device))
-                for name, value in {"loss": loss, **metrics}.items():
-                    totals[name] = totals.get(name, 0.0) + float(value) * len(chunk) / len(eval_examples)
-            return totals
-        return rm_metrics(*pair_scores(model, eval_examples, tokenizer.pad_token_id, args.batch_size, device))
-
-    # 5. Train; evaluate on the test split; save the final RM with its tokenizer.
-    metrics = common.run_steps(
-        args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
-        start_step=start_step, device=device, make_micro_batches=make_micro_batches, loss_fn=loss_fn,
-        evaluate=evaluate if eval_examples else None, desc="rm",
-    )
-    if metrics:
-        print("latest test-split evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), file=sys.stderr)
-    return common.finish_run(args, model, tokenizer, schedule)
+    # 4. The loop; `step` optimizer steps are done at the top of each pass.
+    eval_metrics = {}
+    with TrainingLog(args, start, total, last, desc="rm") as log:
+        for step in range(start, last + 1):
+            # 4.1 Evaluate and checkpoint.
+            if eval_examples and eval_due(args, step, start, total):
+                eval_metrics = evaluate_rm(model, eval_examples, args, pad_id, device)
+                log.eval(step, eval_metrics)
+            if checkpoint_due(args, step, start, last):
+                save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler)
+            # 4.2 Stop.
+            if step == last:
+                break
+            # 4.3 Forward/backward: micro-batches weighted by their share of the pairs (rankings).
+            model.train()
+            indices = schedule.batch(step)
+            micro = [(ids, to_device(collate([train_examples[i] for i in ids], pad_id), device))
+                     for ids in micro_batches(indices, args.micro_batch_size)]
+            weights = accumulation_weights([len(ids) for ids, _ in micro])
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler))
+            metrics = {}
+            for (ids, batch), weight in zip(micro, weights):
+                with autocast(device):
+                    if kwise:
+                        loss, loss_metrics = kwise_rm_loss(model, batch)
+                    else:
+                        loss, loss_metrics = pairwise_rm_loss(model, batch, args.margin, args.center_coef)
+                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm,
+                                          guard=guard, step=step, example_ids=indices))
+            # 4.4 Log.
+            metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
+            log.train(step + 1, metrics)
+    if eval_metrics:
+        print("latest test-split evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()), file=sys.stderr)
+    return final_path(args, model, tokenizer, last, total)
 
 
 def main(argv=None):
-    args = common.parse_args(RMArgs, argv, prog="python -m minirlhf rm")
+    args = parse_args(RMArgs, argv, prog="python -m minirlhf rm")
     print(f"saved {train_rm(args)}")
     return 0
 

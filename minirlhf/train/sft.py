@@ -6,6 +6,16 @@ The mean is over all response tokens of the batch (``token_mean``; prompt tokens
 ``m = 0``), the usual choice for SFT: every demonstrated token weighs the same. Gradient
 accumulation therefore weighs each micro-batch by its share of the batch's *tokens*.
 
+The loop has the four steps of every offline trainer (SFT, RM, DPO, KTO), in nanoGPT's order:
+
+1. **Evaluate and checkpoint** the model as it is after ``step`` optimizer steps: the test loss
+   every ``--eval-every`` steps and at the end; a resumable checkpoint every ``--save-every``
+   steps and at the end.
+2. **Stop** after the last step (``--stop-at-step`` stops early; ``--resume`` continues).
+3. **Forward/backward.** The batch of step ``s`` is a function of ``(seed, s)``; it is split into
+   micro-batches whose weighted gradients add up to the whole batch's; then one AdamW step.
+4. **Log** loss, gradient norm and learning rate (CSV, TensorBoard, progress bar).
+
     python -m minirlhf sft                         # the toy world's base model and SFT corpus
     python -m minirlhf sft --model Qwen/Qwen2.5-0.5B --data sft.jsonl --template sft --lr 1e-5
 
@@ -15,17 +25,31 @@ import dataclasses
 import sys
 import typing
 
+import torch
+
 from minirlhf.core.masked import masked_mean
-from minirlhf.data.collate import collate_sft
+from minirlhf.data.collate import collate_sft, to_device
 from minirlhf.data.datasets import load_sft_data
+from minirlhf.data.order import BatchSchedule
 from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
-from minirlhf.toy.world import SFT_HYPERPARAMETERS
-from minirlhf.train import common
+from minirlhf.toy.world import load_world
+from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
+from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens
+from minirlhf.train.checkpoints import (
+    checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
+)
+from minirlhf.train.metrics import TrainingLog, eval_due
+from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+
+# The toy world's SFT policy: a ~1M-parameter model trained from scratch (a high learning rate,
+# short sequences). Applied to the fields not set explicitly when no --model is given.
+TOY_PRESET = dict(epochs=4.0, lr=3e-3, batch_size=16, max_len=64, max_prompt_len=32)
 
 
 @dataclasses.dataclass
-class SFTArgs(common.TrainArgs):
+class SFTArgs(TrainArgs):
     """Supervised fine-tuning on (prompt, response) demonstrations."""
 
     template: str = "sft"
@@ -51,63 +75,82 @@ def sft_loss(model, batch):
     return masked_mean(-token_logprobs, mask), {}
 
 
+@torch.no_grad()
+def evaluate_sft(model, examples, pad_id, batch_size, device):
+    """``{"loss"}``: the token-mean NLL over all of ``examples`` (the test split)."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = to_device(collate_sft(examples[start : start + batch_size], pad_id), device)
+        tokens = response_tokens(batch)
+        with autocast(device):
+            total_nll += float(sft_loss(model, batch)[0]) * tokens
+        total_tokens += tokens
+    return {"loss": total_nll / max(total_tokens, 1.0)}
+
+
 def train_sft(args: SFTArgs):
     """Run SFT with ``args``; returns the path of the saved, HF-loadable model (``<out>/final``)."""
     # 1. Defaults (the toy world when no model/data is given), run directory, resume point, seed.
     if args.model is None or args.data is None:
-        world = common.toy_world(sft=False)
+        world = load_world()  # the base model and SFT corpus; the toy SFT policy is not needed
         if args.model is None:
             args.model = str(world.base_model)
-            common.apply_toy_preset(args, SFT_HYPERPARAMETERS)
+            apply_toy_preset(args, TOY_PRESET)
         if args.data is None:
             args.data, args.eval_data = str(world.sft_train), args.eval_data or str(world.sft_test)
-    resume_from = common.prepare_run(args, "sft")
-    device = common.select_device(args.device)
+    resume_from = prepare_run(args, "sft")
+    device = select_device(args.device)
 
     # 2. Tokenizer, model (from the checkpoint when resuming), data.
     tokenizer = load_tokenizer(args.model)
-    model = load_policy(str(resume_from or args.model), dtype=common.TRAIN_DTYPE, device=device)
-    data_kwargs = dict(template=args.template, tokenizer=tokenizer, system_prompt=args.system_prompt,
-                       **common.data_limits(args))
+    pad_id = tokenizer.pad_token_id
+    model = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    data_kwargs = dict(template=args.template, tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_sft_data(args.data, **data_kwargs)
-    eval_examples = load_sft_data(args.eval_data, **data_kwargs)[0] if args.eval_data else None
+    eval_examples = load_sft_data(args.eval_data, **data_kwargs)[0] if args.eval_data else []
     print(report, file=sys.stderr)
 
-    # 3. Optimizer, learning-rate schedule and the deterministic batch order.
-    schedule = common.BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
-    optimizer = common.make_optimizer(model.parameters(), args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start_step = common.load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    # 3. Optimizer, learning-rate schedule and the deterministic batch order; resume state.
+    schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
+    optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
+    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    total, last = schedule.total_steps, last_step(args, schedule.total_steps)
 
-    # 4. Micro-batches weighted by their share of the batch's response tokens (token-mean loss).
-    def make_micro_batches(indices):
-        micro = []
-        for ids in common.micro_batches(indices, args.micro_batch_size):
-            micro.append((ids, common.to_device(collate_sft([train_examples[i] for i in ids], tokenizer.pad_token_id), device)))
-        tokens = [float(batch["response_mask"][:, 1:].sum()) for _, batch in micro]
-        return micro, [n / sum(tokens) for n in tokens]
-
-    def evaluate():
-        total_nll, total_tokens = 0.0, 0.0
-        for start in range(0, len(eval_examples), args.batch_size):
-            batch = collate_sft(eval_examples[start : start + args.batch_size], tokenizer.pad_token_id)
-            batch = common.to_device(batch, device)
-            tokens = float(batch["response_mask"][:, 1:].sum())
-            total_nll += float(sft_loss(model, batch)[0]) * tokens
-            total_tokens += tokens
-        return {"loss": total_nll / max(total_tokens, 1.0)}
-
-    # 5. Train, then save the final model and tokenizer.
-    common.run_steps(
-        args, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-        schedule=schedule, start_step=start_step, device=device, make_micro_batches=make_micro_batches,
-        loss_fn=lambda batch: sft_loss(model, batch), evaluate=evaluate if eval_examples else None, desc="sft",
-    )
-    return common.finish_run(args, model, tokenizer, schedule)
+    # 4. The loop; `step` optimizer steps are done at the top of each pass.
+    with TrainingLog(args, start, total, last, desc="sft") as log:
+        for step in range(start, last + 1):
+            # 4.1 Evaluate and checkpoint.
+            if eval_examples and eval_due(args, step, start, total):
+                log.eval(step, evaluate_sft(model, eval_examples, pad_id, args.batch_size, device))
+            if checkpoint_due(args, step, start, last):
+                save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler)
+            # 4.2 Stop.
+            if step == last:
+                break
+            # 4.3 Forward/backward: micro-batches weighted by their share of the response tokens.
+            model.train()
+            indices = schedule.batch(step)
+            micro = [(ids, to_device(collate_sft([train_examples[i] for i in ids], pad_id), device))
+                     for ids in micro_batches(indices, args.micro_batch_size)]
+            weights = accumulation_weights([response_tokens(batch) for _, batch in micro])
+            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler))
+            metrics = {}
+            for (ids, batch), weight in zip(micro, weights):
+                with autocast(device):
+                    loss, loss_metrics = sft_loss(model, batch)
+                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm,
+                                          guard=guard, step=step, example_ids=indices))
+            # 4.4 Log.
+            metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
+            log.train(step + 1, metrics)
+    return final_path(args, model, tokenizer, last, total)
 
 
 def main(argv=None):
-    args = common.parse_args(SFTArgs, argv, prog="python -m minirlhf sft")
+    args = parse_args(SFTArgs, argv, prog="python -m minirlhf sft")
     print(f"saved {train_sft(args)}")
     return 0
 

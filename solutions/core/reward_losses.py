@@ -68,6 +68,20 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
     return loss, _pair_accuracy(difference).mean()
 
 
+def pair_accuracy(chosen_rewards, rejected_rewards):
+    """The fraction of pairs ordered correctly, ``mean_b 1[r_c > r_r]`` with ties counted ½: the
+    accuracy every loss here reports, for any pair of reward vectors (e.g. DPO's implicit rewards).
+
+    Shapes: ``[B]`` (or ``[B, 1]``) each, float -> scalar, detached.
+    """
+    check_shapes(
+        "pair_accuracy",
+        chosen_rewards=(chosen_rewards, ("B", "B 1"), "float"),
+        rejected_rewards=(rejected_rewards, ("B", "B 1"), "float"),
+    )
+    return _pair_accuracy(_as_vector(chosen_rewards) - _as_vector(rejected_rewards)).mean()
+
+
 def _rank_mask(function, rewards, mask):
     """Check [P, K] rewards and mask; return the boolean mask (all True when mask is None)."""
     check_shapes(function, rewards=(rewards, "P K", "float"), mask=(mask, (None, "P K")))

@@ -1,0 +1,69 @@
+"""Runtime: the device, the training dtype and autocast, seeding and the RNG states.
+
+CUDA when available, else the CPU. Weights train in float32; on CUDA the matmuls run in bf16 under
+``autocast``. ``seed_everything`` seeds Python, NumPy and torch; a checkpoint stores ``rng_state()``
+so that a resumed run draws exactly the random numbers (dropout, sampling) it would have drawn.
+"""
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+
+def select_device(device=None):
+    """``torch.device(device)``, or CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Trained weights (and the reference) are loaded in float32 whatever the checkpoint stores (Qwen2.5
+# ships bf16): AdamW updates of size lr·1e-3 vanish when rounded to bf16's 8 mantissa bits. On
+# CUDA the matmuls still run in bf16 through ``autocast``.
+TRAIN_DTYPE = torch.float32
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (weights stay float32, matmuls run in bf16); a no-op on CPU.
+
+    Log-probs and losses are computed in float32 by the core functions either way.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """All RNG states, to store in a checkpoint."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def quiet_transformers():
+    """Turn off transformers' own progress bars ("Loading weights"): ours is the one to watch."""
+    hf_logging.disable_progress_bar()
