@@ -27,6 +27,7 @@ where it stopped.
 """
 import dataclasses
 import json
+import math
 import sys
 import time
 import typing
@@ -41,11 +42,13 @@ from minirlhf.data.prompts import prompt_batch
 from minirlhf.eval import plots
 from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
 from minirlhf.eval.overoptimisation import plot_overoptimisation
+from minirlhf.eval.uncertainty import paired_gain, prompt_mean_se
+from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import rollout_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
-from minirlhf.toy.language import gold_reward
-from minirlhf.toy.measure import filler_count, gold_summary
+from minirlhf.toy.language import math_correct, parse_prompt
+from minirlhf.toy.measure import filler_count, gold_scores
 from minirlhf.train.args import parse_args
 from minirlhf.train.checkpoints import latest_checkpoint
 from minirlhf.train.dpo import DPOArgs, train_dpo
@@ -57,6 +60,7 @@ from minirlhf.train.rewards import RewardModelReward
 from minirlhf.train.rm import TOY_PRESET as RM_TOY_PRESET, RMArgs, train_rm
 from minirlhf.train.runtime import quiet_transformers, seed_everything, select_device
 from minirlhf.train.toy_world import load_toy_world
+from minirlhf.pipeline_report import Lesson, check_lessons, load_average, machine, report_one_seed, report_seeds, seeds_summary
 
 # --quick shrinks every loop of the trainers' toy-world settings.
 QUICK = {
@@ -68,8 +72,22 @@ QUICK = {
 }
 # PPO against the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT;
 # with a small β it over-optimises the RM.
-PPO_BETA, PPO_STEPS = 1.0, 60
-SMALL_BETA = 0.01
+PPO_BETA, SMALL_BETA = 1.0, 0.01
+PPO_BUDGET = dict(steps=60)
+GRPO_BUDGET = dict()
+ONLINE_DPO_BUDGET = dict()
+
+#: what the main job claims, checked in every report (gains over SFT on the held-out prompts)
+LESSONS = (
+    Lesson("the reward model comes within 4 points of the Bayes ceiling", "RM", "bayes_gap", 0.04, at_least=False),
+    Lesson("DPO raises the gold reward", "DPO", "gold", 0.15),
+    Lesson(f"PPO (β = {PPO_BETA:g}) raises the gold reward", "PPO", "gold", 0.15),
+    Lesson(f"PPO with a small β (= {SMALL_BETA:g}) raises the RM score ...", "PPO (small β)", "proxy", 1.0),
+    Lesson("... while the gold reward falls: over-optimisation", "PPO (small β)", "gold", -0.3, at_least=False),
+    Lesson("GRPO with the math reward raises math accuracy", "GRPO (math)", "math_accuracy", 0.15),
+    Lesson("GRPO with the gold reward raises the gold reward", "GRPO (gold)", "gold", 0.8),
+    Lesson("online DPO (RM judge) raises the gold reward", "online DPO", "gold", 0.10),
+)
 
 
 @dataclasses.dataclass
@@ -79,7 +97,10 @@ class PipelineArgs:
     out: str = "runs/pipeline"
     """Directory of the run: one sub-directory per stage, report.md and the plots."""
     seed: int = 0
-    """Seed of the toy world and of every stage."""
+    """Seed of the toy world and of every stage (the first one with --seeds)."""
+    seeds: int = 1
+    """Run this many seeds (--seed, --seed + 1, ...), each its own toy world and training runs in
+    <out>/seed-<s>; report.md then gives every cell as mean ± sd over the seeds and each lesson per seed."""
     quick: bool = False
     """A preset of seconds to a minute (tests, a first look): tiny loops, few eval prompts. The
     numbers it reports are not meant to show anything."""
@@ -139,32 +160,49 @@ def stage_args(args_class, args, stage, **fields):
 # ---------------------------------------------------------------------------------------------
 
 
+#: what ``evaluate_policy`` measures on each response (math accuracy on math prompts only)
+METRICS = ("gold", "gold_helpful", "gold_harmless", "math_accuracy", "proxy", "kl", "length", "filler")
+
+
 @torch.no_grad()
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, samples):
-    """Sample ``samples`` responses per prompt and measure them.
+    """Sample ``samples`` responses per prompt and measure each one.
 
-    Returns ``(summary, per_response)``: means of gold / helpful / harmless reward, math accuracy,
-    proxy (RM) score, KL and length; and the per-response lists (for the distribution plots).
-    KL(π‖π_ref) of whole responses is estimated by Σ_t [log π(y_t) − log π_ref(y_t)] on samples
-    y ~ π: the k1 estimator summed over the response, unbiased for the sequence-level KL.
+    Returns ``{"prompt": [...], metric: [...] for metric in METRICS}``: one entry per response, in
+    the order sampled, ``prompt`` being the index of its held-out prompt (what the standard errors
+    are computed over) and ``math_accuracy`` None off the math prompts. KL(π‖π_ref) of a whole
+    response is estimated by Σ_t [log π(y_t) − log π_ref(y_t)] on samples y ~ π: the k1 estimator
+    summed over the response, unbiased for the sequence-level KL.
     """
-    rows = {"gold": [], "proxy": [], "kl": [], "length": [], "filler": []}
-    weighted = {}
+    rows = {key: [] for key in ("prompt", *METRICS)}
+    first = 0
     for batch in prompt_batches:
         rollout = generate_rollouts(policy, tokenizer, batch, max_new_tokens=32, n_per_prompt=samples)
         logprobs, mask = rollout_logprobs(policy, rollout)
         ref_logprobs, _ = rollout_logprobs(reference, rollout)
-        rows["gold"] += [gold_reward(p, r) for p, r in zip(rollout["prompts"], rollout["responses"])]
+        rows["prompt"] += (first + rollout["prompt_index"]).tolist()
+        for prompt, response in zip(rollout["prompts"], rollout["responses"]):
+            for key, value in gold_scores(prompt, response).items():
+                rows[key].append(value)
+            rows["math_accuracy"].append(math_correct(prompt, response) if parse_prompt(prompt).kind == "math" else None)
+            rows["filler"].append(filler_count(response))
         rows["proxy"] += reward_model(rollout).tolist()
         rows["kl"] += masked_sum(logprobs - ref_logprobs, mask, dim=-1).tolist()
         rows["length"] += rollout["response_length"].tolist()
-        rows["filler"] += [filler_count(r) for r in rollout["responses"]]
-        n = len(rollout["responses"])
-        for key, value in gold_summary(rollout["prompts"], rollout["responses"]).items():
-            weighted.setdefault(key, []).append((value, n))
-    summary = {k: sum(v * n for v, n in pairs) / sum(n for _, n in pairs) for k, pairs in weighted.items()}
-    summary.update({k: sum(v) / len(v) for k, v in rows.items() if k != "gold"})
-    return summary, rows
+        first += len(batch["prompts"])
+    return rows
+
+
+def summarise(rows, sft_rows):
+    """``(means, standard errors, gains over SFT)`` of one policy's ``evaluate_policy`` rows: the
+    SEs over prompts, the gains paired by prompt with their SEs (``minirlhf.eval.uncertainty``)."""
+    means, errors, gains = {}, {}, {}
+    for key in METRICS:
+        if all(value is None for value in rows[key]):
+            continue
+        means[key], errors[key] = prompt_mean_se(rows[key], rows["prompt"])
+        gains[key] = paired_gain(rows[key], rows["prompt"], sft_rows[key], sft_rows["prompt"])
+    return means, errors, gains
 
 
 def prompt_batches(world, tokenizer, limit, device, batch_size=64):
@@ -179,59 +217,22 @@ def prompt_batches(world, tokenizer, limit, device, batch_size=64):
 # Report
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = [
-    ("gold", "gold reward r*", "{:+.2f}"),
-    ("gold_helpful", "helpful", "{:+.2f}"),
-    ("gold_harmless", "harmless", "{:+.2f}"),
-    ("math_accuracy", "math acc.", "{:.0%}"),
-    ("proxy", "RM score", "{:+.2f}"),
-    ("kl", "KL(π‖π_SFT)", "{:.2f}"),
-    ("length", "length (tokens)", "{:.1f}"),
-    ("filler", "filler words", "{:.2f}"),
-]
 
-
-def results_table(results):
-    header = "| policy | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for name, summary in results.items():
-        cells = [fmt.format(summary[key]) if key in summary else "–" for key, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_report(args, world, rm_eval, results, num_prompts, plots_written, seconds):
-    """``<out>/report.md``: what ran, the RM against the Bayes ceiling, the results table, plots."""
-    bayes = world.bayes_accuracy["pref_test"]
-    rm_accuracy = rm_eval["model"]["accuracy"]
-    sft, small = results["SFT"], results.get("PPO (small β)")
+def write_report(args, results, plots_written):
+    """``<out>/report.md`` and ``results.json`` of one seed: the lessons checked, the reward model
+    against the Bayes ceiling, every policy's means ± SE and gains over SFT, the plots."""
+    sft, small = results["policies"]["SFT"], results["policies"].get("PPO (small β)")
+    quick = " — **--quick preset: the numbers show nothing**" if args.quick else ""
     lines = [
         "# minirlhf pipeline report",
         "",
-        f"Toy world seed {args.seed}{' — **--quick preset: the numbers show nothing**' if args.quick else ''}; "
-        f"total time {seconds / 60:.1f} min; {len(results)} policies evaluated on "
-        f"{num_prompts} held-out prompts × {args.eval_samples} samples each.",
+        f"Toy world seed {args.seed}{quick}; {len(results['policies'])} policies; total time "
+        f"{results['seconds'] / 60:.1f} min on {results['machine']} ({results['load_average']} at the end).",
         "",
-        "## Reward model",
-        "",
-        "| | test accuracy | Bayes-optimal accuracy E[σ(|Δr*|)] | gap |",
-        "|---|---|---|---|",
-        f"| before training (random head on the SFT model) | {rm_eval['baseline']['accuracy']:.1%} | {bayes:.1%} | "
-        f"{(bayes - rm_eval['baseline']['accuracy']) * 100:.1f} pts |",
-        f"| after training | {rm_accuracy:.1%} | {bayes:.1%} | {(bayes - rm_accuracy) * 100:.1f} pts |",
-        "",
-        "Labels were sampled from the Bradley–Terry model of the gold reward, so even the gold reward "
-        "itself only reaches the Bayes-optimal accuracy.",
-        "",
-        "## Policies (held-out prompts, sampled at temperature 1)",
-        "",
-        results_table(results),
+        *report_one_seed(results),
         "",
         "- **gold reward r*** is the truth the preference labels were sampled from; **RM score** is the "
         "proxy the online methods optimise; **KL** is Σ_t log π/π_SFT per response (k1, on samples).",
-        "- Gain over SFT in gold reward: "
-        + ", ".join(f"{name} {summary['gold'] - sft['gold']:+.2f}" for name, summary in results.items() if name != "SFT")
-        + ".",
     ]
     if small is not None:
         proxy_gain, gold_gain = small["proxy"] - sft["proxy"], small["gold"] - sft["gold"]
@@ -246,8 +247,27 @@ def write_report(args, world, rm_eval, results, num_prompts, plots_written, seco
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({path.name})" for title, path in plots_written]
     write_text_atomic(Path(args.out) / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def write_seeds_report(args, per_seed, seconds):
+    """``<out>/report.md`` and ``results.json`` of a multi-seed run: mean ± sd over seeds of every
+    cell, and each lesson per seed and in the mean."""
+    summary = seeds_summary(per_seed)
+    seeds = ", ".join(str(s) for s in per_seed)
+    minutes = ", ".join(f"{r['seconds'] / 60:.1f}" for r in per_seed.values())
+    lines = [
+        f"# minirlhf pipeline report: seeds {seeds}",
+        "",
+        f"Each seed is its own toy world (data, SFT policy) and its own training runs; `seed-<s>/report.md` "
+        f"has one seed's numbers with their evaluation standard errors. Total time {seconds / 60:.1f} min "
+        f"(per seed: {minutes} min) on {machine()} ({load_average()} at the end).",
+        "",
+        *report_seeds(summary),
+    ]
+    write_text_atomic(Path(args.out) / "report.md", "\n".join(lines) + "\n")
     write_text_atomic(Path(args.out) / "results.json", json.dumps(
-        {"rm": rm_eval, "bayes_accuracy": bayes, "policies": results, "seconds": seconds}, indent=2) + "\n")
+        {"summary": summary, "per_seed": {str(s): r for s, r in per_seed.items()}, "seconds": seconds}, indent=2) + "\n")
 
 
 def make_plots(out, rm_eval_dir, per_response, ppo_runs):
@@ -278,8 +298,8 @@ def make_plots(out, rm_eval_dir, per_response, ppo_runs):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pipeline(args: PipelineArgs):
-    """Run every stage, evaluate, write the report; returns the report's path."""
+def run_seed(args: PipelineArgs):
+    """Run every stage for ``args.seed``, evaluate, write ``<out>/report.md``; returns the results."""
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,58 +309,80 @@ def run_pipeline(args: PipelineArgs):
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
     # 1. SFT: the toy world's policy (trained with train_sft on first use, then cached).
-    log("[sft] loading the toy world (the first run trains its SFT policy: a few minutes)")
+    log(f"[sft] loading the toy world for seed {args.seed} (the first run trains its SFT policy: about a minute)")
     world = load_toy_world(seed=args.seed)
     sft = str(world.sft_model)
 
     # Each stage starts from the SFT policy with its trainer's toy-world settings. The offline
     # trainers skip their periodic test-split evaluations: the pipeline evaluates every model itself
     # at the end. --quick trains and evaluates on the first lines of the data files only.
-    data = quick_data(world, out / "quick_data") if args.quick else {}
+    data = quick_data(world, out / "quick_data") if args.quick else {"data": str(world.pref_train),
+                                                                      "eval_data": str(world.pref_test)}
     offline = dict(model=sft, eval_every=0, **data)
 
     # 2. Reward model, and its accuracy against the Bayes ceiling (before vs after training).
     rm = run_stage("rm", args, train_rm, stage_args(RMArgs, args, "rm", **{**RM_TOY_PRESET, **offline}), log)
-    rm_eval = evaluate_reward_model(EvalRMArgs(model=str(rm), baseline=sft, data=data.get("eval_data"),
-                                               out=str(out / "rm" / "eval"), seed=args.seed, device=args.device))
+    rm_eval = evaluate_reward_model(EvalRMArgs(model=str(rm), baseline=sft, data=data["eval_data"],
+                                               template=world.templates["pref_test"], out=str(out / "rm" / "eval"),
+                                               seed=args.seed, device=args.device))
 
     # 3.-7. The policies, each starting from the SFT policy.
     policies = {"SFT": Path(sft)}
-    dpo_args = stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline})
-    policies["DPO"] = run_stage("dpo", args, train_dpo, dpo_args, log)
-    ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=PPO_BETA, steps=PPO_STEPS)
-    policies["PPO"] = run_stage("ppo", args, train_ppo, ppo, log)
-    small = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=SMALL_BETA, steps=PPO_STEPS)
-    policies["PPO (small β)"] = run_stage("ppo_small_beta", args, train_ppo, small, log)
-    grpo_math = stage_args(GRPOArgs, args, "grpo", reward="math", data=str(world.math_prompts))
-    policies["GRPO (math)"] = run_stage("grpo_math", args, train_grpo, grpo_math, log)
-    grpo_gold = stage_args(GRPOArgs, args, "grpo", reward="gold", data=str(world.prompts))
-    policies["GRPO (gold)"] = run_stage("grpo_gold", args, train_grpo, grpo_gold, log)
+    policies["DPO"] = run_stage("dpo", args, train_dpo, stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline}), log)
+    for name, stage, beta in (("PPO", "ppo", PPO_BETA), ("PPO (small β)", "ppo_small_beta", SMALL_BETA)):
+        ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=beta, **PPO_BUDGET)
+        policies[name] = run_stage(stage, args, train_ppo, ppo, log)
+    for name, stage, reward, prompts in (("GRPO (math)", "grpo_math", "math", world.math_prompts),
+                                         ("GRPO (gold)", "grpo_gold", "gold", world.prompts)):
+        grpo = stage_args(GRPOArgs, args, "grpo", reward=reward, data=str(prompts), **GRPO_BUDGET)
+        policies[name] = run_stage(stage, args, train_grpo, grpo, log)
     if args.online_dpo:
-        online = stage_args(OnlineDPOArgs, args, "online_dpo", reward=str(rm))
+        online = stage_args(OnlineDPOArgs, args, "online_dpo", reward=str(rm), **ONLINE_DPO_BUDGET)
         policies["online DPO"] = run_stage("online_dpo", args, train_online_dpo, online, log)
 
-    # 8. Evaluate every policy on the held-out prompts.
+    # 8. Evaluate every policy on the held-out prompts: means ± SE, gains over SFT paired by prompt.
     device = select_device(args.device)
     tokenizer = load_tokenizer(sft)
     reference = load_policy(sft, device=device)
     reward_model = RewardModelReward(rm, device=device)
     batches = prompt_batches(world, tokenizer, args.eval_prompts or (16 if args.quick else 0), device)
-    results, per_response = {}, {}
+    per_response, means, errors, gains = {}, {}, {}, {}
     for name, path in policies.items():
         seed_everything(args.seed)
         policy = reference if name == "SFT" else load_policy(str(path), device=device)
-        results[name], per_response[name] = evaluate_policy(policy, reference, reward_model, tokenizer,
-                                                            batches, args.eval_samples)
-        log(f"[eval] {name}: gold {results[name]['gold']:+.2f}, RM {results[name]['proxy']:+.2f}, "
-            f"KL {results[name]['kl']:.2f}")
+        per_response[name] = evaluate_policy(policy, reference, reward_model, tokenizer, batches, args.eval_samples)
+        means[name], errors[name], gains[name] = summarise(per_response[name], per_response["SFT"])
+        log(f"[eval] {name}: gold {means[name]['gold']:+.2f}, RM {means[name]['proxy']:+.2f}, KL {means[name]['kl']:.2f}")
+    bayes, accuracy = world.bayes_accuracy["pref_test"], rm_eval["model"]["accuracy"]
+    gains["RM"] = {"bayes_gap": (bayes - accuracy, math.sqrt(accuracy * (1 - accuracy) / rm_eval["pairs"]))}
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})
-    num_prompts = sum(len(batch["prompts"]) for batch in batches)
-    write_report(args, world, rm_eval, results, num_prompts, written, time.perf_counter() - started)
+    results = {"seed": args.seed, "rm": rm_eval, "bayes_accuracy": bayes,
+               "eval": {"prompts": sum(len(batch["prompts"]) for batch in batches), "samples": args.eval_samples},
+               "policies": means, "errors": errors, "gains": gains, "lessons": check_lessons(LESSONS, gains),
+               "seconds": time.perf_counter() - started, "machine": machine(), "load_average": load_average()}
+    write_report(args, results, written)
     log(f"report: {out / 'report.md'}")
-    return out / "report.md"
+    return results
+
+
+def run_pipeline(args: PipelineArgs):
+    """Run the pipeline for ``args.seeds`` seeds from ``args.seed`` on; returns the report's path.
+
+    One seed writes into ``<out>``; several write each seed into ``<out>/seed-<s>`` and a summary
+    over the seeds into ``<out>/report.md``."""
+    if args.seeds < 1:
+        raise MinirlhfError(f"--seeds {args.seeds}: expected at least 1")
+    if args.seeds == 1:
+        run_seed(args)
+        return Path(args.out) / "report.md"
+    started = time.perf_counter()
+    per_seed = {}
+    for seed in range(args.seed, args.seed + args.seeds):
+        per_seed[seed] = run_seed(dataclasses.replace(args, seed=seed, seeds=1, out=str(Path(args.out) / f"seed-{seed}")))
+    write_seeds_report(args, per_seed, time.perf_counter() - started)
+    return Path(args.out) / "report.md"
 
 
 def main(argv=None):

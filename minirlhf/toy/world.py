@@ -5,24 +5,34 @@
 Cache directory: ``cache_dir`` or ``$MINIRLHF_CACHE`` or ``~/.cache/minirlhf``, then
 ``toy-<seed>-<VERSION>/``::
 
-    world.json          what was measured (Bayes accuracies, data statistics)
+    world.json          what was measured (Bayes accuracies, data statistics) and the sha256 of
+                        every file below but sft/
     data/*.jsonl        the datasets (see ``minirlhf.toy.corpus``)
     tokenizer/          the toy tokenizer as built (HF format, chat_template.jinja)
     base/               the untrained tiny Qwen2 model (+ tokenizer: ``world.tokenizer_path``)
-    sft/                the SFT policy (+ tokenizer, toy_eval.json: its gold reward)
+    sft/                the SFT policy (+ tokenizer, toy_eval.json: its gold reward, the sha256 of
+                        its files and how it was built)
 
 The SFT policy is trained by the train layer (``minirlhf.train.toy_world.load_toy_world``, which
 every trainer's defaults use): ``load_world`` reports it as ``sft_model`` once it is there (its
 ``toy_eval.json``, written last, marks it complete) and as None before. Each piece is built in a
 temporary directory next to its target and renamed into place, so an interrupted build leaves
-nothing half-written and a missing piece is simply rebuilt. Bump ``VERSION`` whenever the
-language, the data generator or the model changes.
+nothing half-written and a missing piece is simply rebuilt.
+
+**Bit-reproducible.** A seed fixes every byte: the data (``random.Random`` streams), the tokenizer,
+the base model's initialisation and the SFT policy, which is trained on the CPU with one thread
+whatever the calling process uses (``minirlhf.train.toy_world``). The recorded sha256 digests are
+checked on every load: a file that no longer matches (an edit, a damaged disk) is reported and the
+piece rebuilt. Bump ``VERSION`` whenever the language, the data generator, the model or the SFT
+recipe changes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +47,7 @@ from minirlhf.toy.corpus import CorpusSizes, build_corpus
 from minirlhf.toy.model import save_toy_model
 from minirlhf.toy.tokenizer import save_toy_tokenizer
 
-VERSION = "v3"
+VERSION = "v4"
 
 #: the data template (``minirlhf.data.templates``) of each dataset file
 TEMPLATES = {
@@ -83,6 +93,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MINIRLHF_CACHE") or Path.home() / ".cache" / "minirlhf")
 
 
+def file_digests(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root``, leaving out the top-level entries
+    named in ``exclude`` and hidden ones (a concurrent build's temporary directories)."""
+    root = Path(root)
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        top = path.relative_to(root).parts[0]
+        if path.is_file() and top not in exclude and not top.startswith("."):
+            digests[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def changed_files(root: Path, recorded: dict[str, str], exclude: tuple[str, ...] = ()) -> list[str]:
+    """The files under ``root`` whose sha256 differs from ``recorded`` (or that are missing or new)."""
+    found = file_digests(root, exclude)
+    return sorted(name for name in set(found) | set(recorded) if found.get(name) != recorded.get(name))
+
+
+def warn_rebuild(what: Path, changed: list[str]) -> None:
+    print(f"warning: the toy world's {what} does not match the sha256 recorded when it was built "
+          f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); rebuilding it", file=sys.stderr)
+
+
 def _build_base(seed: int, out: Path, sizes: CorpusSizes) -> None:
     started = time.perf_counter()
     corpus = build_corpus(seed, out / "data", sizes)
@@ -92,7 +125,8 @@ def _build_base(seed: int, out: Path, sizes: CorpusSizes) -> None:
     stats = dict(corpus.stats)
     stats["eval_prompts_max_gold_mean"] = sum(map(language.max_gold_reward, eval_prompts)) / len(eval_prompts)
     stats["build_seconds"] = time.perf_counter() - started
-    meta = {"seed": seed, "version": VERSION, "bayes_accuracy": corpus.bayes_accuracy, "stats": stats}
+    meta = {"seed": seed, "version": VERSION, "bayes_accuracy": corpus.bayes_accuracy, "stats": stats,
+            "sha256": file_digests(out)}
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks "complete"
 
 
@@ -108,12 +142,23 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, sizes: Corpus
     if not (world_dir / "world.json").exists():
         shutil.rmtree(world_dir, ignore_errors=True)  # a stray incomplete directory
         write_dir_atomic(world_dir, lambda tmp: _build_base(seed, tmp, sizes), keep_existing=True)
-
     meta = json.loads((world_dir / "world.json").read_text())
+    changed = changed_files(world_dir, meta["sha256"], exclude=("world.json", SFT_DIR))
+    if changed:  # the SFT policy was trained from these files: it goes too
+        warn_rebuild(world_dir, changed)
+        write_dir_atomic(world_dir, lambda tmp: _build_base(seed, tmp, sizes))
+        meta = json.loads((world_dir / "world.json").read_text())
+
     stats = dict(meta["stats"])
     sft_dir = world_dir / SFT_DIR if (world_dir / SFT_DIR / SFT_EVAL).exists() else None
     if sft_dir is not None:
         sft_eval = json.loads((sft_dir / SFT_EVAL).read_text())
+        changed = changed_files(sft_dir, sft_eval["sha256"], exclude=(SFT_EVAL,))
+        if changed:  # reported as missing: the train layer rebuilds it
+            warn_rebuild(sft_dir, changed)
+            shutil.rmtree(sft_dir, ignore_errors=True)
+            sft_dir = None
+    if sft_dir is not None:
         stats.update({f"sft_policy_{k}": v for k, v in sft_eval["sampled"].items()})
         stats.update({f"sft_policy_greedy_{k}": v for k, v in sft_eval["greedy"].items()})
         stats["sft_train_seconds"] = sft_eval["train_seconds"]

@@ -1,11 +1,11 @@
-"""Runtime: the device, the training dtype and autocast, seeding and the RNG states.
+"""Runtime: the device, the training dtype and autocast, seeding and the RNG states, thread count.
 
 CUDA when available, else the CPU. Weights train in float32; on CUDA the matmuls run in bf16 under
 ``autocast``. ``seed_everything`` seeds Python, NumPy and torch; a checkpoint stores ``rng_state()``
 so that a resumed run draws exactly the random numbers (dropout, sampling) it would have drawn.
 """
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -67,3 +67,18 @@ def set_rng_state(state):
 def quiet_transformers():
     """Turn off transformers' own progress bars ("Loading weights"): ours is the one to watch."""
     hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def torch_threads(num_threads):
+    """Run the block with ``torch.set_num_threads(num_threads)``; the caller's count is restored.
+
+    A float sum split across more threads adds in another order, so a CPU run is bit-reproducible
+    only at a fixed thread count (what the toy world's cached SFT policy is built with).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

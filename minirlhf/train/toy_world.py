@@ -4,10 +4,17 @@
 is trained here, by the project's own ``train_sft``, the first time it is asked for (about a
 minute on two CPU cores), measured against the gold reward, and cached beside them::
 
-    <cache>/toy-<seed>-v3/sft/    model + tokenizer, and toy_eval.json (written last: complete)
+    <cache>/toy-<seed>-<VERSION>/sft/    model + tokenizer, and toy_eval.json (written last: complete)
 
 The build runs in a temporary directory that is renamed into place, so an interrupted build leaves
 nothing behind and a concurrent one keeps whichever finished first.
+
+**The same weights whoever builds them.** The policy is trained and measured on the CPU with
+``BUILD_THREADS`` threads, whatever device the machine has and however many threads the calling
+process uses (its own count is restored afterwards): a float sum split across more threads adds in
+another order, and those last bits, amplified by a thousand optimizer steps, would make every
+later number depend on whoever built the cache first. ``toy_eval.json`` records the sha256 of the
+saved files and how they were built; ``load_world`` checks them on every load.
 
     python -m minirlhf toy-world [--seed N] [--cache-dir DIR] [--no-sft]
 """
@@ -17,12 +24,19 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from minirlhf.data.atomic import write_dir_atomic
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.toy.corpus import CorpusSizes
 from minirlhf.toy.measure import measure_policy
-from minirlhf.toy.world import SFT_DIR, SFT_EVAL, load_world
+from minirlhf.toy.world import SFT_DIR, SFT_EVAL, file_digests, load_world
+from minirlhf.train.runtime import torch_threads
 from minirlhf.train.sft import TOY_PRESET, SFTArgs, train_sft
+
+# The thread count and device of the toy SFT build: one CPU thread is also the fastest for a
+# ~1M-parameter model.
+BUILD_THREADS, BUILD_DEVICE = 1, "cpu"
 
 
 def load_toy_world(seed=0, cache_dir=None, sft=True, sizes=CorpusSizes()):
@@ -30,7 +44,8 @@ def load_toy_world(seed=0, cache_dir=None, sft=True, sizes=CorpusSizes()):
     cached on first use (``sft=False`` skips it: seconds instead of a minute)."""
     world = load_world(seed=seed, cache_dir=cache_dir, sizes=sizes)
     if sft and world.sft_model is None:
-        write_dir_atomic(world.dir / SFT_DIR, lambda tmp: build_sft_policy(world, tmp), keep_existing=True)
+        with torch_threads(BUILD_THREADS):
+            write_dir_atomic(world.dir / SFT_DIR, lambda tmp: build_sft_policy(world, tmp), keep_existing=True)
         world = load_world(seed=seed, cache_dir=cache_dir, sizes=sizes)
     return world
 
@@ -39,14 +54,15 @@ def build_sft_policy(world, out):
     """Train the toy SFT policy on ``world.sft_train`` into ``out`` and measure its gold reward.
 
     The saved model and tokenizer become ``out``'s files; ``toy_eval.json`` (the policy's gold
-    reward, sampled and greedy, on the held-out prompts) is written last.
+    reward, sampled and greedy, on the held-out prompts, and the files' sha256) is written last.
+    Call it under ``torch_threads(BUILD_THREADS)`` for the reproducible build.
     """
     out = Path(out)
     started = time.perf_counter()
     run = out / "run"
     args = SFTArgs(model=str(world.base_model), data=str(world.sft_train), eval_data=str(world.sft_test),
-                   template=world.templates["sft_train"], out=str(run), seed=world.seed, progress=False,
-                   tensorboard=False, **TOY_PRESET)
+                   template=world.templates["sft_train"], out=str(run), seed=world.seed, device=BUILD_DEVICE,
+                   progress=False, tensorboard=False, **TOY_PRESET)
     final = Path(train_sft(args))
     for item in final.iterdir():
         item.rename(out / item.name)
@@ -57,7 +73,9 @@ def build_sft_policy(world, out):
     prompts = [json.loads(line)["prompt"] for line in world.eval_prompts.read_text().splitlines()]
     summary = {"sampled": measure_policy(model, tokenizer, prompts, num_samples=4, seed=world.seed),
                "greedy": measure_policy(model, tokenizer, prompts, num_samples=1, temperature=0.0, seed=world.seed),
-               "train_seconds": train_seconds}
+               "train_seconds": train_seconds,
+               "build": {"threads": torch.get_num_threads(), "device": BUILD_DEVICE, "torch": torch.__version__},
+               "sha256": file_digests(out, exclude=(SFT_EVAL,))}
     (out / SFT_EVAL).write_text(json.dumps(summary, indent=2) + "\n")
 
 

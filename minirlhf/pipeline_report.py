@@ -1,0 +1,201 @@
+"""The main job's report: every number with its uncertainty, and the lessons it claims, checked.
+
+``python -m minirlhf pipeline`` claims lessons (``minirlhf.pipeline.LESSONS``): DPO raises the gold
+reward, a small-β PPO over-optimises the reward model, ... A lesson is a gain over the SFT policy
+(or the reward model's distance to the Bayes ceiling) against a threshold, and the report shows
+at a glance which held:
+
+- **one seed** (``report_one_seed``): every mean with its evaluation standard error (over prompts),
+  every gain over SFT with its paired standard error, each lesson ✅ or ❌;
+- **several seeds** (``report_seeds``): each cell as mean ± sd over the seeds (every seed its own toy
+  world and training run: the spread a newcomer's single run falls in), each lesson per seed and
+  for the mean.
+
+``minirlhf.eval.uncertainty`` computes the standard errors; ``machine()`` names where it ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from minirlhf.eval.uncertainty import mean_sd
+
+#: (metric, column title, percent?, signed?) of the results tables
+COLUMNS = [
+    ("gold", "gold reward r*", False, True),
+    ("gold_helpful", "helpful", False, True),
+    ("gold_harmless", "harmless", False, True),
+    ("math_accuracy", "math acc.", True, False),
+    ("proxy", "RM score", False, True),
+    ("kl", "KL(π‖π_SFT)", False, False),
+    ("length", "length (tokens)", False, False),
+    ("filler", "filler words", False, False),
+]
+PERCENT = {key for key, _, percent, _ in COLUMNS if percent} | {"bayes_gap", "accuracy"}
+GAIN_COLUMNS = ("gold", "math_accuracy", "proxy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lesson:
+    """A claim of the main job: ``policy``'s gain over SFT in ``metric`` is at least ``threshold``
+    (``at_least=False``: at most). The reward model's lesson uses policy "RM", metric "bayes_gap"."""
+
+    claim: str
+    policy: str
+    metric: str
+    threshold: float
+    at_least: bool = True
+
+    def holds(self, value: float) -> bool:
+        return value >= self.threshold if self.at_least else value <= self.threshold
+
+
+def number(key: str, value: float, signed: bool = False) -> str:
+    """A value as the tables print it: percent points for accuracies, two decimals otherwise."""
+    if value is None or math.isnan(value):
+        return "–"
+    if key in PERCENT:
+        return f"{value * 100:+.0f} pts" if signed else f"{value * 100:.0f}%"
+    if abs(value) >= 10:
+        return f"{value:+.1f}" if signed else f"{value:.1f}"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def with_error(key: str, value: float, error: float, signed: bool = False) -> str:
+    """``value ± error`` (the error in the value's unit: points for accuracies)."""
+    if error is None or math.isnan(error):
+        return number(key, value, signed)
+    spread = f"{error * 100:.0f}" if key in PERCENT else (f"{error:.1f}" if abs(value) >= 10 else f"{error:.2f}")
+    return f"{number(key, value, signed)} ± {spread}"
+
+
+def check_lessons(lessons, gains: dict) -> list[dict]:
+    """Each lesson against ``gains[policy][metric] = (value, SE)``: ``{claim, ..., value, se, held}``."""
+    checks = []
+    for lesson in lessons:
+        if lesson.metric not in gains.get(lesson.policy, {}):
+            continue  # its stage did not run (--no-online-dpo)
+        value, se = gains[lesson.policy][lesson.metric]
+        checks.append({**dataclasses.asdict(lesson), "value": value, "se": se, "held": lesson.holds(value)})
+    return checks
+
+
+def threshold_text(check: dict) -> str:
+    return ("≥ " if check["at_least"] else "≤ ") + number(check["metric"], check["threshold"], signed=check["metric"] != "bayes_gap")
+
+
+def machine() -> str:
+    """Where the run ran, in words: CPU model and cores (or the GPU), torch version and threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()}-core CPU ({cpu}), {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}")
+
+
+def load_average() -> str:
+    try:
+        return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "load average unknown"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _lesson_rows_one_seed(checks):
+    return _table(["lesson", "measured ± SE", "threshold", "held"],
+                  [[c["claim"], with_error(c["metric"], c["value"], c["se"], signed=c["metric"] != "bayes_gap"),
+                    threshold_text(c), "✅" if c["held"] else "❌"] for c in checks])
+
+
+def report_one_seed(results: dict, title_note: str = "") -> list[str]:
+    """The lines of one seed's ``report.md`` body: lessons, reward model, policies, gains.
+
+    ``results``: what ``minirlhf.pipeline`` writes to ``results.json`` (``policies``, ``errors``,
+    ``gains``, ``lessons``, ``rm``, ``bayes_accuracy``, ``eval``)."""
+    checks, rm, bayes = results["lessons"], results["rm"], results["bayes_accuracy"]
+    held = sum(c["held"] for c in checks)
+    lines = [f"## Lessons: {held} of {len(checks)} held{title_note}", ""]
+    lines += _lesson_rows_one_seed(checks)
+    lines += ["", "Each gain is over the SFT policy, on the same held-out prompts; its standard error is that of the "
+              "per-prompt differences (paired). A lesson holds when the gain clears its threshold.", ""]
+    n_test = rm["pairs"]
+    lines += ["## Reward model", ""]
+    rows = []
+    for label, key in (("before training (random head on the SFT model)", "baseline"), ("after training", "model")):
+        accuracy = rm[key]["accuracy"]
+        se = math.sqrt(accuracy * (1 - accuracy) / n_test)
+        rows.append([label, f"{accuracy:.1%} ± {se:.1%}", f"{bayes:.1%}", f"{(bayes - accuracy) * 100:.1f} pts"])
+    lines += _table(["", f"test accuracy ({n_test} pairs) ± SE", "Bayes-optimal accuracy E[σ(|Δr*|)]", "gap"], rows)
+    lines += ["", "Labels were sampled from the Bradley–Terry model of the gold reward, so even the gold reward itself "
+              "only reaches the Bayes-optimal accuracy.", ""]
+    evaluation = results["eval"]
+    lines += [f"## Policies ({evaluation['prompts']} held-out prompts × {evaluation['samples']} samples at temperature 1; "
+              "mean ± SE over prompts)", ""]
+    lines += _table(["policy"] + [title for _, title, _, _ in COLUMNS],
+                    [[name] + [with_error(key, means[key], results["errors"][name][key], signed)
+                               if key in means else "–" for key, _, _, signed in COLUMNS]
+                     for name, means in results["policies"].items()])
+    lines += ["", "## Gains over SFT (paired by prompt, ± SE)", ""]
+    lines += _table(["policy"] + [title for key, title, _, _ in COLUMNS if key in GAIN_COLUMNS],
+                    [[name] + [with_error(key, *gains[key], signed=True) if key in gains else "–"
+                               for key in GAIN_COLUMNS]
+                     for name, gains in results["gains"].items() if name not in ("SFT", "RM")])
+    return lines
+
+
+def seeds_summary(per_seed: dict) -> dict:
+    """Mean and sd over seeds of every policy mean, gain and lesson value in ``per_seed`` ``{seed: results}``."""
+    first = next(iter(per_seed.values()))
+    policies = {name: {key: mean_sd([r["policies"][name][key] for r in per_seed.values()]) for key in means}
+                for name, means in first["policies"].items()}
+    gains = {name: {key: mean_sd([r["gains"][name][key][0] for r in per_seed.values()]) for key in values}
+             for name, values in first["gains"].items()}
+    lessons = []
+    for index, check in enumerate(first["lessons"]):
+        values = [r["lessons"][index]["value"] for r in per_seed.values()]
+        mean, sd = mean_sd(values)
+        lesson = Lesson(check["claim"], check["policy"], check["metric"], check["threshold"], check["at_least"])
+        lessons.append({**dataclasses.asdict(lesson), "values": values, "mean": mean, "sd": sd,
+                        "held_per_seed": [lesson.holds(v) for v in values], "held_in_mean": lesson.holds(mean)})
+    return {"seeds": list(per_seed), "policies": policies, "gains": gains, "lessons": lessons,
+            "rm_accuracy": mean_sd([r["rm"]["model"]["accuracy"] for r in per_seed.values()]),
+            "bayes_accuracy": mean_sd([r["bayes_accuracy"] for r in per_seed.values()])}
+
+
+def report_seeds(summary: dict) -> list[str]:
+    """The lines of a multi-seed ``report.md`` body (``summary`` from ``seeds_summary``)."""
+    seeds, lessons = summary["seeds"], summary["lessons"]
+    everywhere = sum(all(c["held_per_seed"]) and c["held_in_mean"] for c in lessons)
+    lines = [f"## Lessons: {everywhere} of {len(lessons)} held in every seed and in the mean", ""]
+    rows = []
+    for c in lessons:
+        signed = c["metric"] != "bayes_gap"
+        cells = [f"{number(c['metric'], v, signed)} {'✅' if ok else '❌'}" for v, ok in zip(c["values"], c["held_per_seed"])]
+        rows.append([c["claim"], threshold_text(c)] + cells
+                    + [f"{with_error(c['metric'], c['mean'], c['sd'], signed)} {'✅' if c['held_in_mean'] else '❌'}"])
+    lines += _table(["lesson", "threshold"] + [f"seed {s}" for s in seeds] + ["mean ± sd"], rows)
+    accuracy, bayes = summary["rm_accuracy"], summary["bayes_accuracy"]
+    lines += ["", f"Reward model test accuracy {accuracy[0]:.1%} ± {accuracy[1]:.1%} against a Bayes-optimal "
+              f"{bayes[0]:.1%} ± {bayes[1]:.1%} (mean ± sd over seeds).", "",
+              f"## Policies (mean ± sd over {len(seeds)} seeds)", ""]
+    lines += _table(["policy"] + [title for _, title, _, _ in COLUMNS],
+                    [[name] + [with_error(key, *means[key], signed) if key in means else "–"
+                               for key, _, _, signed in COLUMNS] for name, means in summary["policies"].items()])
+    lines += ["", f"## Gains over SFT (mean ± sd over {len(seeds)} seeds)", ""]
+    lines += _table(["policy"] + [title for key, title, _, _ in COLUMNS if key in GAIN_COLUMNS],
+                    [[name] + [with_error(key, *gains[key], signed=True) if key in gains else "–"
+                               for key in GAIN_COLUMNS]
+                     for name, gains in summary["gains"].items() if name not in ("SFT", "RM")])
+    return lines
