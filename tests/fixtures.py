@@ -105,3 +105,21 @@ def write_json(path, records):
     path = Path(path)
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
+
+
+def build_gpt2_checkpoint(directory, dropout=0.1, seed=0, hidden_size=32, num_layers=2):
+    """Write the Qwen-like tokenizer + a tiny ``GPT2LMHeadModel`` with dropout ``dropout`` (GPT-2's
+    own default is 0.1: embedding, attention and residual dropout) to ``directory``; return its Path.
+    A model family whose dropout is on, unlike Qwen2's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = Path(directory)
+    tokenizer = build_qwen2_tokenizer()
+    tokenizer.save_pretrained(directory)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=hidden_size, n_layer=num_layers, n_head=4,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -18,6 +18,8 @@ logits (see ``benchmarks/bench_logprobs.py``).
 Masking is the caller's job: every position gets a value, and ``mask`` decides which count.
 Labels must be real token ids (no ``-100`` "ignore index").
 """
+import math
+
 import torch
 
 from minirlhf.core.shapes import ShapeError, check_shapes
@@ -89,15 +91,16 @@ class _GatherLogprobs(torch.autograd.Function):
     """``log softmax(z)_y`` with a chunked forward and a hand-written, chunked backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels):
+    def forward(ctx, logits, labels, temperature):
         compute_dtype = _compute_dtype(logits)
         logprobs = logits.new_empty(labels.shape, dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(logprobs), torch.empty_like(logprobs)
         for rows in _row_blocks(logits, compute_dtype):
-            # Upcast one chunk at a time: bf16 logits give float32-accurate log-probs.
+            # Upcast one chunk at a time (then divide by τ): bf16 logits give float32-accurate log-probs.
             logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(
-                logits[rows].to(compute_dtype), labels[rows]
+                _upcast_chunk(logits[rows], compute_dtype, temperature), labels[rows]
             )
+        ctx.temperature = temperature
         ctx.save_for_backward(logits, labels, max_logit, log_sum)  # references, not copies
         return logprobs
 
@@ -106,33 +109,40 @@ class _GatherLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs):
         logits, labels, max_logit, log_sum = ctx.saved_tensors
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logprobs = grad_logprobs / ctx.temperature  # the chain rule through z/τ
         for rows in _row_blocks(logits, log_sum.dtype):
             _chunk_logprobs_backward(
-                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out=grad_logits[rows]
+                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out=grad_logits[rows],
+                temperature=ctx.temperature,
             )
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def _chunk_logprobs_backward(logits_chunk, labels_chunk, max_logit, log_sum, grad_logprobs, out):
+def _chunk_logprobs_backward(logits_chunk, labels_chunk, max_logit, log_sum, grad_logprobs, out, temperature=1.0):
     """Write ``g · (onehot(y) − softmax(z))`` into ``out``, the gradient of ``g · log softmax(z)_y``.
 
     ``d/dz_j [z_y − logsumexp(z)] = 1[j = y] − p_j``, with ``p_j = exp(z_j − m) · exp(−s)``
-    rebuilt from the forward's ``m`` and ``s``. A function of its own so that the chunk's
-    temporary dies before the next chunk allocates its own.
+    rebuilt from the forward's ``m`` and ``s`` (``z`` = the logits divided by ``temperature``;
+    the caller has divided ``g`` by it too). A function of its own so that the chunk's temporary
+    dies before the next chunk allocates its own.
     """
-    grad = _shifted_chunk(logits_chunk, max_logit, out).exp_()  # exp(z − m)
+    grad = _shifted_chunk(logits_chunk, max_logit, out, temperature).exp_()  # exp(z − m)
     g = grad_logprobs.to(grad.dtype).unsqueeze(-1)
     grad.mul_(-g * torch.exp(-log_sum).unsqueeze(-1))  # −g · p
     grad.scatter_add_(-1, labels_chunk.unsqueeze(-1), g)  # + g at the label
     out.copy_(grad)  # a no-op when `grad` already is `out`
 
 
-def gather_logprobs(logits, labels):
+def gather_logprobs(logits, labels, temperature=1.0):
     """Log-probability of each label: ``log π(y_t) = log softmax(z_t)[y_t] = z_{t,y} − log Σ_j exp(z_{t,j})``.
 
     Shapes: ``logits`` ``[B, T, V]`` (any float dtype), ``labels`` ``[B, T]`` long, already aligned
     (see ``shift_for_next_token``). Returns ``[B, T]`` float32 (float64 for float64 logits), computed
     in float32 even for bf16/fp16 logits. No mask: every position gets a value, the caller masks.
+
+    ``temperature`` τ > 0 gives the log-probs of the tempered distribution ``softmax(z / τ)`` (the
+    one a sampler at temperature τ draws from). The division happens chunk by chunk *after* the
+    float32 upcast, as the sampler does it: ``bf16(z) / τ`` would round the logits once more.
 
     Memory: no full-vocab float32 ``log_softmax`` is ever built. The forward walks over chunks of
     positions, upcasts one chunk at a time and keeps two numbers per position, ``m = max_j z_j`` and
@@ -151,12 +161,13 @@ def gather_logprobs(logits, labels):
     all ``-inf`` row have no log-probabilities and give NaN.
     """
     check_shapes("gather_logprobs", logits=(logits, "B T V", "float"), labels=(labels, "B T", "long"))
+    _check_temperature("gather_logprobs", temperature)
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
         raise ValueError(
             f"gather_logprobs: labels must be token ids in [0, {logits.shape[-1]}), got values in "
             f"[{labels.min().item()}, {labels.max().item()}]; mask positions out instead of using an ignore index"
         )
-    return _GatherLogprobs.apply(logits, labels)
+    return _GatherLogprobs.apply(logits, labels, float(temperature))
 
 
 def _chunk_entropy(logits_chunk):
@@ -174,12 +185,14 @@ class _Entropy(torch.autograd.Function):
     """Entropy of softmax(z) per position, chunked forward and hand-written chunked backward."""
 
     @staticmethod
-    def forward(ctx, logits):
+    def forward(ctx, logits, temperature):
         compute_dtype = _compute_dtype(logits)
         entropy = logits.new_empty(logits.shape[:-1], dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(entropy), torch.empty_like(entropy)
         for rows in _row_blocks(logits, compute_dtype):
-            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(logits[rows].to(compute_dtype))
+            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(
+                _upcast_chunk(logits[rows], compute_dtype, temperature))
+        ctx.temperature = temperature
         ctx.save_for_backward(logits, max_logit, log_sum, entropy)
         return entropy
 
@@ -188,20 +201,23 @@ class _Entropy(torch.autograd.Function):
     def backward(ctx, grad_entropy):
         logits, max_logit, log_sum, entropy = ctx.saved_tensors
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_entropy = grad_entropy / ctx.temperature  # the chain rule through z/τ
         for rows in _row_blocks(logits, log_sum.dtype):
             _chunk_entropy_backward(
-                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out=grad_logits[rows]
+                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out=grad_logits[rows],
+                temperature=ctx.temperature,
             )
-        return grad_logits
+        return grad_logits, None
 
 
-def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entropy, out):
+def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entropy, out, temperature=1.0):
     """Write ``−g · p_j (log p_j + H)`` into ``out``, the gradient of ``g · H(z)``.
 
     Raising a logit whose surprise ``−log p_j`` is below the average surprise ``H`` concentrates
-    the distribution and lowers the entropy. ``log p_j = (z_j − m) − s``, ``p_j = exp(log p_j)``.
+    the distribution and lowers the entropy. ``log p_j = (z_j − m) − s``, ``p_j = exp(log p_j)``
+    (``z`` = the logits divided by ``temperature``).
     """
-    grad = _shifted_chunk(logits_chunk, max_logit, out)  # z − m
+    grad = _shifted_chunk(logits_chunk, max_logit, out, temperature)  # z − m
     probs = grad.exp().mul_(torch.exp(-log_sum).unsqueeze(-1))
     g = grad_entropy.to(grad.dtype).unsqueeze(-1)
     _finite(grad).add_((entropy - log_sum).unsqueeze(-1))  # log p + H, with log 0 → most negative float
@@ -209,11 +225,12 @@ def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entr
     out.copy_(grad)  # a no-op when `grad` already is `out`
 
 
-def entropy_from_logits(logits):
+def entropy_from_logits(logits, temperature=1.0):
     """Entropy of the next-token distribution: ``H(z) = −Σ_j p_j log p_j = logsumexp(z) − Σ_j p_j z_j``.
 
     Shapes: ``logits`` ``[B, T, V]`` (any float dtype) → ``[B, T]`` float32 (float64 for float64
-    logits). No mask; the caller masks (e.g. ``masked_mean(entropy, mask)``).
+    logits). No mask; the caller masks (e.g. ``masked_mean(entropy, mask)``). ``temperature`` τ
+    gives the entropy of ``softmax(z / τ)``, divided after the float32 upcast (``gather_logprobs``).
 
     Differentiable, with the hand-written gradient ``∂H/∂z_j = −p_j (log p_j + H)``. Memory is lean
     the same way as ``gather_logprobs``: chunked over positions, one upcast chunk at a time, and
@@ -222,7 +239,8 @@ def entropy_from_logits(logits):
     Tokens with ``-inf`` logits have p = 0 and contribute ``0 · log 0 = 0``.
     """
     check_shapes("entropy_from_logits", logits=(logits, "B T V", "float"))
-    return _Entropy.apply(logits)
+    _check_temperature("entropy_from_logits", temperature)
+    return _Entropy.apply(logits, float(temperature))
 
 
 def sequence_logprobs(token_logprobs, mask, average=False):
@@ -272,15 +290,30 @@ def _row_blocks(logits, compute_dtype):
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
-def _shifted_chunk(logits_chunk, max_logit, out):
-    """``z − m`` in ``max_logit``'s dtype, for a backward pass.
+def _upcast_chunk(logits_chunk, compute_dtype, temperature):
+    """``z / τ`` of one chunk in ``compute_dtype``: upcast first, then divide (in place on the copy)."""
+    chunk = logits_chunk.to(compute_dtype)
+    if temperature == 1.0:
+        return chunk
+    return chunk.div_(temperature) if chunk.dtype != logits_chunk.dtype else chunk / temperature
+
+
+def _shifted_chunk(logits_chunk, max_logit, out, temperature=1.0):
+    """``z/τ − m`` in ``max_logit``'s dtype, for a backward pass.
 
     Written straight into ``out`` (a chunk of the gradient buffer) when it has that dtype, so
     float32 logits need no temporary; bf16/fp16 logits need one upcast copy of the chunk.
     """
     if out.dtype == max_logit.dtype:
+        if temperature != 1.0:
+            return torch.div(logits_chunk, temperature, out=out).sub_(max_logit.unsqueeze(-1))
         return torch.sub(logits_chunk, max_logit.unsqueeze(-1), out=out)
-    return logits_chunk.to(max_logit.dtype).sub_(max_logit.unsqueeze(-1))
+    return _upcast_chunk(logits_chunk, max_logit.dtype, temperature).sub_(max_logit.unsqueeze(-1))
+
+
+def _check_temperature(function, temperature):
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{function}: temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _finite(logp):
