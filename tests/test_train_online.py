@@ -185,6 +185,16 @@ def lively_policy(tiny_tokenizer):
     return Qwen2ForCausalLM(config).eval()
 
 
+def cache_cuts(monkeypatch):
+    """A list that records the batch size the sampler cuts its KV cache down to, at each cut."""
+    import minirlhf.models.sampling as sampling
+
+    kept, select = [], sampling.DynamicCache.batch_select_indices
+    monkeypatch.setattr(sampling.DynamicCache, "batch_select_indices",
+                        lambda cache, rows: kept.append(len(rows)) or select(cache, rows))
+    return kept
+
+
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_stopped_rows_leave_the_batch_without_changing_the_others(lively_policy, tiny_tokenizer, monkeypatch,
                                                                   check_every):
@@ -204,10 +214,7 @@ def test_stopped_rows_leave_the_batch_without_changing_the_others(lively_policy,
             break
     else:
         pytest.fail("no stop token ends some rows early and leaves others running")
-    kept = []  # the batch sizes the cache was cut down to
-    select = sampling.DynamicCache.batch_select_indices
-    monkeypatch.setattr(sampling.DynamicCache, "batch_select_indices",
-                        lambda cache, rows: kept.append(len(rows)) or select(cache, rows))
+    kept = cache_cuts(monkeypatch)
     tokens, valid = sample_responses(lively_policy, batch["input_ids"], batch["attention_mask"], 10, [stop],
                                      tiny_tokenizer.pad_token_id, temperature=0)
     assert tokens.shape[1] == 10 and kept and kept[-1] < len(texts)
@@ -215,6 +222,39 @@ def test_stopped_rows_leave_the_batch_without_changing_the_others(lively_policy,
         n = len(expected[row])
         assert tokens[row, :n].tolist() == expected[row] and valid[row, :n].all() and not valid[row, n:].any()
         assert (tokens[row, n:] == tiny_tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_sampled_tokens_are_torch_multinomials_whatever_rows_leave_the_batch(lively_policy, tiny_tokenizer,
+                                                                             monkeypatch, check_every):
+    """With the same generator, ``sample_responses`` draws the tokens that ``torch.multinomial`` on
+    the whole batch draws at every step (the loop before stopped rows left the batch, written out
+    here without a cache): dropping rows changes neither the distribution nor the draws."""
+    import minirlhf.models.sampling as sampling
+
+    monkeypatch.setitem(sampling.CHECK_EVERY, "cpu", check_every)
+    batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "describe rain .", "how are you ?",
+                                          "tell me everything you know about dogs ."])
+    rows, budget, temperature = len(batch["prompts"]), 12, 1.5
+    stops = list(range(0, len(tiny_tokenizer), 9))  # a ninth of the vocabulary stops a row: lengths vary
+    generator = torch.Generator().manual_seed(5)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    expected, finished = [], torch.zeros(rows, dtype=torch.bool)
+    while len(expected) < budget and not finished.all():
+        with torch.no_grad():
+            logits = lively_policy(input_ids=ids, attention_mask=mask,
+                                   position_ids=position_ids_from_attention_mask(mask)).logits[:, -1].float()
+        token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+        token = torch.where(finished, tiny_tokenizer.pad_token_id, token)
+        expected.append(token)
+        finished |= torch.isin(token, torch.tensor(stops))
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
+    expected = torch.stack(expected, 1)
+    kept = cache_cuts(monkeypatch)
+    tokens, valid = sample_responses(lively_policy, batch["input_ids"], batch["attention_mask"], budget, stops,
+                                     tiny_tokenizer.pad_token_id, temperature, torch.Generator().manual_seed(5))
+    assert kept and len(set(valid.sum(-1).tolist())) > 1 and tokens.shape == expected.shape
+    assert torch.equal(tokens, expected)
 
 
 def test_response_mask_ends_at_first_eos(tiny_policy, tiny_tokenizer):

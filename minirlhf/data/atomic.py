@@ -42,14 +42,15 @@ def _process_is_alive(pid):
     return True
 
 
-def remove_stale_temporaries(directory, name=None, untagged=False):
+def remove_stale_temporaries(directory, name=None, untagged=None):
     """Delete the temporaries that killed writers left in ``directory``; returns their names.
 
-    A temporary is stale when it was made on this host by a process that is no longer alive
-    (``untagged=True`` also counts names without a process id, from older versions: only for a
-    directory that has one writer, a run directory). ``name`` limits this to one target's
-    temporaries. A directory moved aside for a replacement (``.NAME.old-…``) is moved back when
-    ``NAME`` is missing — the crash fell between the two renames — and deleted otherwise.
+    A temporary is stale when it was made on this host by a process that is no longer alive.
+    ``untagged(target)`` → True also counts ``target``'s temporaries without a process id (from
+    older versions; only for a directory with one writer, such as a run directory). ``name``
+    limits this to one target's temporaries. A directory moved aside for a replacement
+    (``.NAME.old-…``) is moved back when ``NAME`` is missing — the crash fell between the two
+    renames — and deleted otherwise.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -61,8 +62,10 @@ def remove_stale_temporaries(directory, name=None, untagged=False):
             if match["host"] != socket.gethostname() or _process_is_alive(int(match["pid"])):
                 continue
             target, is_old = match["name"], match["kind"] == "old"
-        elif untagged and (untagged_match := _UNTAGGED_TEMPORARY.match(entry.name)):
+        elif untagged is not None and (untagged_match := _UNTAGGED_TEMPORARY.match(entry.name)):
             target, is_old = untagged_match["name"], ".old-" in entry.name
+            if not untagged(target):
+                continue
         else:
             continue
         if name is not None and target != name:
@@ -153,7 +156,10 @@ def remove_dir(path):
     its name: it is first renamed to a temporary name (one atomic step), then deleted."""
     path = Path(path)
     doomed = path.parent / (_temporary_prefix(path.name) + secrets.token_hex(4))
-    os.replace(path, doomed)
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:  # already gone (another process removed it first)
+        return
     if doomed.is_dir() and not doomed.is_symlink():
         shutil.rmtree(doomed, ignore_errors=True)
     else:

@@ -95,9 +95,9 @@ def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, p
     Rows that have stopped leave the batch (and the cache) once a quarter of the decoding rows
     have: the rest decode without them. On a GPU the loop looks at which rows stopped only every
     ``CHECK_EVERY`` tokens — each look waits for the GPU — so up to ``CHECK_EVERY − 1`` steps may
-    decode rows that already stopped; their tokens are thrown away. Neither changes what a row
-    samples: each row's tokens are drawn from its own distribution, whatever else is in the batch
-    (only which random numbers it gets).
+    decode rows that already stopped; their tokens are thrown away. Neither changes the tokens:
+    with the same ``generator`` state they are those of ``torch.multinomial`` on the whole batch
+    at every step (on a GPU the generator may then have advanced a few steps further).
     """
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"sample_responses: temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -109,18 +109,23 @@ def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, p
     rows = torch.arange(batch_size, device=device)  # the rows still in the decoding batch
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # per decoding row
     attention_mask = prompt_mask.long()
-    cache = {cache_keyword(model): DynamicCache(config=model.config)}
+    kv_cache = DynamicCache(config=model.config)
+    cache = {cache_keyword(model): kv_cache}  # passed as cache= or past_key_values=
 
     # 1. Prefill: one pass over the prompts fills the cache and gives the first token's logits
     #    (only the last column's: at Qwen's 151,936-token vocabulary the others would cost GBs).
     logits = model(input_ids=prompt_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
                    position_ids=position_ids_from_attention_mask(attention_mask), **cache).logits[:, -1, :]
     for step in range(max_new_tokens):
-        # 2. Sample the next token from the last position's distribution.
+        # 2. Sample the next token from the last position's distribution: argmax_i p_i / E_i with
+        #    E_i ~ Exp(1) picks i with probability p_i (the race torch.multinomial(p, 1) runs). The
+        #    noise is drawn for the whole batch, so a row's token does not depend on which other
+        #    rows are still decoding, and it is the one torch.multinomial would draw.
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
         else:
-            next_token = torch.multinomial(next_token_probs(logits, temperature), 1, generator=generator).squeeze(-1)
+            noise = torch.empty(batch_size, logits.shape[-1], device=device).exponential_(generator=generator)
+            next_token = (next_token_probs(logits, temperature) / noise[rows]).argmax(dim=-1)
         # 3. Rows that already stopped emit padding; the token that stops a row still counts.
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         tokens[rows, step] = next_token
@@ -137,7 +142,7 @@ def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, p
             if len(decoding) <= 0.75 * len(rows):
                 rows, finished, next_token = rows[decoding], finished[decoding], next_token[decoding]
                 attention_mask = attention_mask[decoding]
-                cache[cache_keyword(model)].batch_select_indices(decoding)
+                kv_cache.batch_select_indices(decoding)
         # 5. Decode one column: the new token reads the cache; its position is the number of real
         #    tokens before it.
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)

@@ -33,6 +33,11 @@ from minirlhf.train.args import check_resumed_args, save_args
 from minirlhf.train.runtime import quiet_transformers, rng_state, seed_everything, set_rng_state
 
 
+# What a run writes into its directory besides args.json, checkpoints/, final/ and PPO's critic/.
+RUN_LOGS = ("train.csv", "eval.csv", "tb", "reference_logps.pt")
+RUN_FILES = RUN_LOGS + ("args.json", "final", "critic")
+
+
 def prepare_run(args, algo):
     """Start (or resume) the run in ``args.out``; returns the checkpoint to resume from, or None.
 
@@ -47,18 +52,15 @@ def prepare_run(args, algo):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MinirlhfError(f"--out {out} is a file; give a directory for the run (e.g. --out runs/{algo})")
-    for directory in (out, out / "checkpoints"):
-        remove_stale_temporaries(directory, untagged=True)  # a run directory has one writer: this run
+    # A run directory has one writer, this run: older versions' untagged temporaries of its files are stale too.
+    remove_stale_temporaries(out, untagged=lambda name: name in RUN_FILES)
+    remove_stale_temporaries(out / "checkpoints", untagged=lambda name: name == "latest" or name.startswith("step-"))
     checkpoint = resume_checkpoint(args)
     if checkpoint is not None:
         check_resumed_args(args, algo)
     save_args(args, args.out, algo)
     seed_everything(args.seed)
     return checkpoint
-
-
-# What a run writes into its directory besides args.json, checkpoints/ and final/.
-RUN_LOGS = ("train.csv", "eval.csv", "tb", "reference_logps.pt")
 
 
 def resume_checkpoint(args):
