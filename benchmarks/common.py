@@ -48,6 +48,8 @@ def model_config(shape):
       trains.
     - ``"qwen2.5-0.5b"`` (GPU): Qwen2.5-0.5B's published shape: hidden 896, 24 layers, 14/2
       heads, MLP 4,864, vocabulary 151,936, tied embeddings (494M parameters).
+    - ``"qwen-width-2l"`` (CPU): the same width and vocabulary with 2 layers (166M parameters, 82%
+      of them the embedding): the LM head and its logits dominate, as they do per token at 0.5B.
     """
     from transformers import Qwen2Config
 
@@ -57,6 +59,7 @@ def model_config(shape):
         "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                              num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
     }
+    shapes["qwen-width-2l"] = dict(shapes["qwen2.5-0.5b"], num_hidden_layers=2)
     if shape == "toy":
         from minirlhf.toy.model import toy_config
         from minirlhf.toy.tokenizer import build_toy_tokenizer
@@ -86,6 +89,35 @@ def num_parameters(model):
 
 def default_shape(device):
     return "qwen2.5-0.5b" if torch.device(device).type == "cuda" else "tiny"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def make_pairs(num_pairs, prompt_len, response_len, config, seed=0):
+    """Random preference pairs shaped like the collators' input: prompt lengths uniform in
+    ``[prompt_len/2, prompt_len]``, each response in ``[response_len/2, response_len]`` ending in EOS."""
+    generator = torch.Generator().manual_seed(seed)
+    eos, pad = config.eos_token_id, config.pad_token_id
+
+    def tokens(low, high):
+        n = int(torch.randint(low, high + 1, (), generator=generator))
+        ids = torch.randint(0, config.vocab_size, (n,), generator=generator)
+        ids[(ids == eos) | (ids == pad)] = 3  # no early stop token inside a text
+        return ids.tolist()
+
+    pairs = []
+    for _ in range(num_pairs):
+        prompt = tokens(prompt_len // 2, prompt_len)
+        example = {}
+        for side in ("chosen", "rejected"):
+            response = tokens(response_len // 2, response_len - 1) + [eos]
+            example[f"{side}_input_ids"] = prompt + response
+            example[f"{side}_response_mask"] = [0] * len(prompt) + [1] * len(response)
+        pairs.append(example)
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------
