@@ -14,7 +14,9 @@ Both variants run the same model over the same ``[2B, L]`` chosen-then-rejected 
 
 **Peak extra** = peak memory of a steady-state forward + backward above what is held before it
 (weights, their gradients from a first step, the batch): activations, logits and the head's
-transients. Fresh process per variant; on CPU peak RSS (VmHWM), on CUDA max_memory_allocated.
+transients. Fresh process per variant; on CPU peak RSS (VmHWM) with glibc's mmap threshold fixed
+(``common.TENSOR_RSS_ENV``: without it the same step's peak drifts by ±0.2 GiB between runs), on
+CUDA max_memory_allocated.
 **Time** = median step, the two variants alternately in one process. The script asserts equal
 losses. Targets: fused peak extra ≤ 0.5× unfused, fused time ≤ 1.2× unfused.
 """
@@ -108,7 +110,8 @@ def main():
 
     sizes = ["--device", args.device, "--threads", str(args.threads), "--shape", args.shape, "--pairs", str(args.pairs),
              "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)]
-    memory = {v: common.run_worker(__file__, sizes + ["--worker", v])["peak_extra_bytes"] for v in VARIANTS}
+    memory = {v: common.run_worker(__file__, sizes + ["--worker", v], env=common.TENSOR_RSS_ENV)["peak_extra_bytes"]
+              for v in VARIANTS}
     seconds, losses, n_params = measure_time(args)
     _, tokens, response_tokens = make_batch(args, torch.device("cpu"))
     memory_ratio, time_ratio = memory["fused"] / memory["unfused"], seconds["fused"] / seconds["unfused"]

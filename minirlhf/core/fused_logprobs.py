@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from minirlhf.core.logprobs import _chunk_entropy, _chunk_entropy_backward, _chunk_logprobs, _chunk_logprobs_backward
 
-# A chunk's float32 logits take at most this many bytes (~441 rows at V = 151,936): a matmul big
+# A chunk's float32 logits take at most this many bytes (~220 rows at V = 151,936): a matmul big
 # enough to run at full speed on a GPU, and a fixed ceiling on the head's memory, whatever N is.
-_CHUNK_BYTES = 256 * 2**20
+_CHUNK_BYTES = 128 * 2**20
 
 
 class _FusedHeadLogprobs(torch.autograd.Function):
@@ -53,10 +53,10 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes chosen explicitly here
             weight_mm, bias_mm = _cast(weight, matmul_dtype), _cast(bias, matmul_dtype)
             for rows in _row_chunks(labels.shape[0], weight.shape[0]):
-                logits = _chunk_logits(hidden[rows], weight_mm, bias_mm, temperature)  # [n, V]
-                logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(logits, labels[rows])
+                logprobs[rows], max_logit[rows], log_sum[rows], chunk_entropy = _chunk_forward(
+                    hidden[rows], weight_mm, bias_mm, labels[rows], temperature, with_entropy)
                 if with_entropy:
-                    entropy[rows] = _chunk_entropy(logits)[0]
+                    entropy[rows] = chunk_entropy
         ctx.save_for_backward(hidden, weight, bias, labels, max_logit, log_sum, entropy)
         ctx.temperature, ctx.matmul_dtype = temperature, matmul_dtype
         return logprobs, entropy
@@ -76,20 +76,38 @@ class _FusedHeadLogprobs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             weight_mm, bias_mm = _cast(weight, ctx.matmul_dtype), _cast(bias, ctx.matmul_dtype)
             for rows in _row_chunks(labels.shape[0], weight.shape[0]):
-                hidden_mm = hidden[rows].to(ctx.matmul_dtype)
-                logits = _chunk_logits(hidden_mm, weight_mm, bias_mm, ctx.temperature)  # recomputed
-                stats = max_logit[rows], log_sum[rows]
-                delta = _chunk_logits_grad(logits, labels[rows], *stats, g[rows],
-                                           None if gamma is None else (entropy[rows], gamma[rows]))
-                delta = delta.to(ctx.matmul_dtype)  # the matmuls run in the head's dtype, as nn.Linear's backward
-                if need_hidden:
-                    grad_hidden[rows] = delta @ weight_mm  # [n, V] @ [V, D]
-                if need_weight:
-                    _add_matmul(grad_weight, delta.T, hidden_mm)  # [V, n] @ [n, D]
-                if need_bias:
-                    grad_bias += delta.sum(dim=0, dtype=accumulate_dtype)
+                entropy_term = None if gamma is None else (entropy[rows], gamma[rows])
+                _chunk_backward(hidden[rows], weight_mm, bias_mm, labels[rows], max_logit[rows], log_sum[rows], g[rows],
+                                entropy_term, ctx.temperature,
+                                grads=(None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias))
         return (grad_hidden, _cast(grad_weight, weight.dtype), None if bias is None else _cast(grad_bias, bias.dtype),
                 None, None, None)
+
+
+def _chunk_forward(hidden_chunk, weight, bias, labels, temperature, with_entropy):
+    """``(log-probs, m, s, entropy or None)`` of one chunk of rows (a function, so its logits die on return)."""
+    logits = _chunk_logits(hidden_chunk, weight, bias, temperature)  # [n, V]
+    logprobs, max_logit, log_sum = _chunk_logprobs(logits, labels)
+    return logprobs, max_logit, log_sum, _chunk_entropy(logits)[0] if with_entropy else None
+
+
+def _chunk_backward(hidden_chunk, weight, bias, labels, max_logit, log_sum, g, entropy_term, temperature, grads):
+    """Recompute one chunk's logits, form ``δ`` and add its share to ``grads = (∂h rows, ∂W, ∂b)`` (None: not wanted).
+
+    ``∂h = δ W``, ``∂W += δᵀ h``, ``∂b += Σ δ`` (the 1/τ is already in ``g``, ``γ``). A function, so
+    the chunk's buffers die before the next chunk allocates its own.
+    """
+    grad_hidden, grad_weight, grad_bias = grads
+    hidden_mm = hidden_chunk.to(weight.dtype)
+    logits = _chunk_logits(hidden_mm, weight, bias, temperature)  # [n, V], recomputed
+    delta = _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term)
+    delta = delta.to(weight.dtype)  # the matmuls run in the head's dtype, as nn.Linear's backward does
+    if grad_hidden is not None:
+        grad_hidden.copy_(delta @ weight)  # [n, V] @ [V, D]
+    if grad_weight is not None:
+        _add_matmul(grad_weight, delta.T, hidden_mm)  # [V, n] @ [n, D]
+    if grad_bias is not None:
+        grad_bias += delta.sum(dim=0, dtype=grad_bias.dtype)
 
 
 def _chunk_logits(hidden_chunk, weight, bias, temperature):
@@ -126,7 +144,7 @@ def fused_head_logprobs(hidden, weight, labels, bias=None, temperature=1.0, retu
     Equal to ``gather_logprobs(F.linear(hidden, weight, bias) / temperature, labels)`` and
     differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` with the same gradients, but the
     ``[N, V]`` logits are made ``_CHUNK_BYTES`` at a time and never kept: peak extra memory is two
-    chunks, not four logits-sized tensors (logits, their float32 log-softmax pieces and gradients).
+    chunks (plus, in the backward, the float32 gradient of ``W`` that it returns), not four logits-sized tensors (logits, their float32 log-softmax pieces and gradients).
     The price is one more matmul with the head in the backward (it recomputes each chunk's logits).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
