@@ -65,15 +65,15 @@ ALGORITHMS = {  # trained models, inference models ("policy"/"critic"/"reference
     "PPO": (("policy", "critic"), ("reference", "reward")),
     "GRPO": (("policy",), ("reference",)),
 }
-METHODS = (
-    # name, LoRA, gradient checkpointing, reference/reward in the compute dtype, fused LM head
-    ("full fine-tune (today)", False, False, False, False),
-    ("full, ref/RM in compute dtype", False, False, True, False),
-    ("full + grad. checkpointing", False, True, True, False),
-    ("full + grad. ckpt + fused head", False, True, True, True),
-    ("LoRA r={r}", True, False, True, False),
-    ("LoRA r={r} + grad. ckpt + fused head", True, True, True, True),
-)
+# name: (LoRA, gradient checkpointing, reference/reward in the compute dtype, fused LM head, AdamW)
+METHODS = {
+    "full fine-tune (today)": (False, False, False, False, "foreach"),
+    "full, ref/RM in compute dtype": (False, False, True, False, "foreach"),
+    "full + grad. checkpointing": (False, True, True, False, "foreach"),
+    "full + grad. ckpt + fused head + fused AdamW": (False, True, True, True, "fused"),
+    "LoRA r={r}": (True, False, True, False, "foreach"),
+    "LoRA r={r} + grad. ckpt + fused head": (True, True, True, True, "fused"),
+}
 
 
 def qwen_config():
@@ -132,7 +132,7 @@ def step_memory(config, counts, algorithm, lora, checkpointing, inference_in_com
     if optimizer_temporaries == "foreach":
         step_temporaries = len(trained_models) * trained * FP32
     elif optimizer_temporaries == "per-tensor":
-        step_temporaries = 2 * (counts["largest"] if not lora else 0) * FP32
+        step_temporaries = 2 * (counts["largest"] if not lora else 0) * FP32  # LoRA: tiny tensors
     else:
         step_temporaries = 0
     moments = {
@@ -148,9 +148,9 @@ def step_memory(config, counts, algorithm, lora, checkpointing, inference_in_com
 def table(config, counts, shape, lora_r, compute_bytes):
     rows = []
     for algorithm in ALGORITHMS:
-        for name, lora, checkpointing, inference_dtype, fused in METHODS:
+        for name, (lora, checkpointing, inference_dtype, fused, adamw) in METHODS.items():
             parts = step_memory(config, counts, algorithm, lora, checkpointing, inference_dtype, fused, shape,
-                                compute_bytes)
+                                compute_bytes, optimizer_temporaries=adamw)
             rows.append({"algorithm": algorithm, "method": name.format(r=lora_r), **parts})
     return rows
 
@@ -192,25 +192,28 @@ def measure_dpo_step(pairs, seq_len, response_len, threads):
 
 
 def check(args, config, counts):
+    """Predicted vs measured peak RSS of the fp32 DPO step, measured twice in fresh processes: with
+    glibc's default malloc (what a user sees) and with a fixed mmap threshold, under which RSS
+    follows the live tensors (``common.TENSOR_RSS_ENV``), the quantity the formula predicts."""
     pairs, seq_len, response_len = 2, 128, 64
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(args.threads)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the measuring run failed:\n{done.stderr[-4000:]}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    argv = ["--worker", "--threads", str(args.threads)]
+    measured = {"default malloc": common.run_worker(__file__, argv),
+                "fixed mmap threshold": common.run_worker(__file__, argv, env=common.TENSOR_RSS_ENV)}
     predicted = step_memory(config, counts, "DPO", False, False, False, False, (2 * pairs, seq_len, response_len),
                             FP32, optimizer_temporaries="per-tensor")
-    total = measured["baseline_bytes"] + predicted["peak"]
     print(f"\nCheck on this CPU (fp32, DPO step, {pairs} pairs × {seq_len} tokens, {response_len} response; "
-          f"{common.device_name('cpu')}):")
+          f"{common.device_name('cpu')}):\n")
     print("| | GiB |\n|---|---|")
     for key in ("weights", "gradients", "adamw", "activations", "logits"):
         print(f"| predicted {key} | {predicted[key] / GIB:.2f} |")
-    print(f"| predicted peak ({predicted['peak_at']}) + process baseline {measured['baseline_bytes'] / GIB:.2f} "
-          f"| **{total / GIB:.2f}** |")
-    print(f"| measured peak RSS | **{measured['peak_rss_bytes'] / GIB:.2f}** |")
-    print(f"| predicted ÷ measured | {total / measured['peak_rss_bytes']:.3f} |")
-    return {"predicted": predicted, "predicted_total_bytes": total, **measured}
+    for name, run in measured.items():
+        total = run["baseline_bytes"] + predicted["peak"]
+        run.update(predicted_total_bytes=total, predicted_over_measured=total / run["peak_rss_bytes"])
+        print(f"| {name}: predicted peak ({predicted['peak_at']}) + process baseline "
+              f"{run['baseline_bytes'] / GIB:.2f} | **{total / GIB:.2f}** |")
+        print(f"| {name}: measured peak RSS | **{run['peak_rss_bytes'] / GIB:.2f}** "
+              f"(predicted ÷ measured {run['predicted_over_measured']:.3f}) |")
+    return {"predicted": predicted, "measured": measured}
 
 
 def main():
@@ -219,7 +222,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--response-len", type=int, default=512, help="response tokens per sequence")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--check", action="store_true", help="also run the fp32 CPU check (~2-4 minutes, ~10 GiB)")
+    parser.add_argument("--check", action="store_true", help="also run the fp32 CPU check (two runs of ~3 minutes, ~10 GiB)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -234,12 +237,18 @@ def main():
     print(f"Qwen2.5-0.5B ({counts['total']:,} parameters; LoRA r={args.lora_r}: {counts['lora']:,} per model), "
           f"bf16 or fp16 autocast, float32 master weights, AdamW (foreach); micro-batch of {args.rows} sequences × "
           f"{args.seq_len} tokens ({args.response_len} response). GiB:\n")
-    print("| algorithm | method | weights | gradients | AdamW | activations | logits | peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| algorithm | method | weights | gradients | AdamW | activations | logits | peak | peak at |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['algorithm']} | {r['method']} | " + " | ".join(
             f"{r[k] / GIB:.1f}" for k in ("weights", "gradients", "adamw", "activations", "logits"))
-            + f" | **{r['peak'] / GIB:.1f}** |")
+            + f" | **{r['peak'] / GIB:.1f}** | {r['peak_at']} |")
+    print(f"\nPeak GiB per step (the same rows; a 16 GB card holds ~14.5 GiB, a 24 GB card ~22):\n")
+    print("| method | " + " | ".join(ALGORITHMS) + " |")
+    print("|---|" + "---|" * len(ALGORITHMS))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        peaks = {r["algorithm"]: r["peak"] for r in rows if r["method"] == method}
+        print(f"| {method} | " + " | ".join(f"{peaks[a] / GIB:.1f}" for a in ALGORITHMS) + " |")
     summary = {"config": QWEN25_05B_INSTRUCT, "parameters": counts, "shape": shape, "table": rows}
     if args.check:
         summary["check"] = check(args, config, counts)

@@ -228,6 +228,11 @@ def test_fused_response_logprobs_returns_zero_outside_the_mask_and_float32_for_f
     logp, mask = fused_response_logprobs(model, left["input_ids"], left["attention_mask"], left["response_mask"])
     assert logp.dtype == torch.float32 and logp.shape == mask.shape == (3, 10)
     assert (logp[~mask.bool()] == 0).all() and (logp[mask.bool()] < 0).all()
+    # no response token at all: zeros, and a backward that runs (zero gradients)
+    logp, mask, entropy = fused_response_logprobs(model, left["input_ids"], left["attention_mask"],
+                                                  torch.zeros_like(left["response_mask"]), return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert not logp.any() and not entropy.any() and not model.lm_head.weight.grad.any()
 
 
 def test_fused_response_logprobs_refuses_post_processed_logits():

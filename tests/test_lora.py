@@ -190,6 +190,10 @@ def test_merged_export_loads_with_plain_transformers(tmp_path):
     ids = input_ids()
     torch.testing.assert_close(logits(plain, ids), logits(lora_model, ids), rtol=1e-12, atol=1e-12)
     assert not any(m.merged for m in lora_modules(lora_model).values())  # the live adapters are untouched
+    save_merged(lora_model, tmp_path / "merged-bf16", dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-bf16").eval()
+    assert plain.dtype == torch.bfloat16 and plain.lm_head.weight is plain.model.embed_tokens.weight
+    torch.testing.assert_close(logits(plain, ids).double(), logits(lora_model, ids), rtol=0, atol=0.1)
 
 
 def test_fused_log_probs_and_the_adapters_off_reference_with_lora():

@@ -70,12 +70,13 @@ class LoRALinear(nn.Module):
         if r < 1:
             raise MinirlhfError(f"LoRA: rank r must be >= 1, got {r}")
         self.base_layer = base_layer.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.scaling, self.dropout_p = r, alpha, alpha / r, dropout
         weight = base_layer.weight
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=dtype, device=weight.device))
+        a = torch.empty(r, base_layer.in_features, dtype=dtype)  # drawn on the CPU: the same A on any device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.enabled = True  # False inside ``adapters_disabled``
         self.merged = False
@@ -146,7 +147,7 @@ def lora_config(model):
     modules = lora_modules(model)
     if not modules:
         raise MinirlhfError("the model has no LoRA adapters (apply_lora or load_adapter first)")
-    settings = {(m.r, m.alpha, m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0) for m in modules.values()}
+    settings = {(m.r, m.alpha, m.dropout_p) for m in modules.values()}
     if len(settings) > 1:
         raise MinirlhfError(f"LoRA adapters with different r/alpha/dropout: {sorted(settings)}")
     (r, alpha, dropout), = settings
@@ -274,18 +275,18 @@ def merged_state_dict(model, dtype=None):
     modules = lora_modules(model)
     if any(m.merged for m in modules.values()):
         raise MinirlhfError("merged_state_dict: the adapters are already merged; call unmerge_lora first")
-    state = {}
+    state, cast = {}, {}  # cast: one converted copy per model tensor, so tied weights stay one tensor
     for key, tensor in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
         owner = module_name.removesuffix(".base_layer")
-        if owner in modules:
-            if module_name == owner:  # lora_A / lora_B
-                continue
-            if leaf == "weight":
-                m = modules[owner]
-                tensor = (tensor.to(m.lora_A.dtype) + m.delta_weight().detach()).to(tensor.dtype)
-            key = f"{owner}.{leaf}"
-        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        if owner in modules and module_name == owner:  # lora_A / lora_B
+            continue
+        if owner in modules and leaf == "weight":
+            m = modules[owner]
+            tensor = (tensor.to(m.lora_A.dtype) + m.delta_weight().detach()).to(dtype or tensor.dtype)
+        elif dtype is not None and tensor.is_floating_point():
+            tensor = cast.setdefault(tensor.data_ptr(), tensor.to(dtype))
+        state[f"{owner}.{leaf}" if owner in modules else key] = tensor
     return state
 
 
@@ -293,10 +294,16 @@ def save_merged(model, directory, tokenizer=None, dtype=None):
     """Write ``W + ΔW`` as a plain Hugging Face checkpoint that ``AutoModelForCausalLM`` loads without minirlhf.
 
     ``config.json`` + ``model.safetensors`` via the model's own ``save_pretrained`` (tied
-    embeddings stay tied), plus the tokenizer if given. The adapters in memory are unchanged.
+    embeddings stay tied), in ``dtype`` if given (e.g. the base model's bf16; the config says so
+    too), plus the tokenizer if given. The adapters in memory are unchanged.
     """
     directory = Path(directory)
     model.save_pretrained(directory, state_dict=merged_state_dict(model, dtype))
+    if dtype is not None:  # save_pretrained records the live parameters' dtype: record the file's
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        _atomic(config_path, lambda path: Path(path).write_text(json.dumps(config, indent=2)))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

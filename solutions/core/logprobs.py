@@ -28,7 +28,7 @@ import torch
 # twice its share of their bytes). A chunk needs exactly one chunk-sized float32 temporary (``z − m``,
 # exponentiated in place), so the peak extra memory is ~1/12 ≈ 0.08 of the logits, under the 0.15
 # budget with room for allocator slack; and 12–24 chunks are a few large kernels each, so a GPU is
-# not launch-bound (chunks of 1/64 of the logits made ~3,000 small kernels per step).
+# not launch-bound (a few hundred kernels per step where many small chunks would need thousands).
 _CHUNKS = 12
 # ... but a chunk is never smaller than this: small logits (the toy world's) go in one or a few
 # chunks, so the Python loop over chunks costs nothing there.
