@@ -152,11 +152,11 @@ def word_tokenizer(num_words=2000):
     return tokenizer, words
 
 
-def write_word_setup(directory, shape, pairs=0, eval_pairs=0, prompts=0, words=60, dtype=None, seed=0):
+def write_word_setup(directory, shape, pairs=0, eval_pairs=0, prompts=0, words=60, dtype=None, seed=0, device="cpu"):
     """A training setup of random words in ``directory``, for runs through the trainers' public API.
 
-    ``model/``: a random ``Qwen2ForCausalLM`` of ``shape`` (``save_pretrained``, in ``dtype`` if
-    given) with ``word_tokenizer()`` beside it. ``pairs.jsonl`` / ``eval_pairs.jsonl``: TRL's
+    ``model/``: a random ``Qwen2ForCausalLM`` of ``shape`` (initialised on ``device``, saved with
+    ``save_pretrained`` in ``dtype`` if given) with ``word_tokenizer()`` beside it. ``pairs.jsonl`` / ``eval_pairs.jsonl``: TRL's
     standard preference format (``prompt``, ``chosen``, ``rejected``, ``words`` words each, about
     one token per word); ``prompts.jsonl``: ``prompt`` + ``answer`` records. Returns the directory.
     """
@@ -165,7 +165,7 @@ def write_word_setup(directory, shape, pairs=0, eval_pairs=0, prompts=0, words=6
 
     directory = Path(directory)
     tokenizer, vocabulary = word_tokenizer()
-    model = build_model(shape, "cpu", seed=seed)
+    model = build_model(shape, device, seed=seed)
     model.to(dtype or model.dtype).save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
     rng = random.Random(seed)

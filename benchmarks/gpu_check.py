@@ -64,7 +64,7 @@ def sections(args, setup, scratch):
               "--compare-rows", "2", "--compare-repeats", "1", "--repeats", "1", "--warmup", "0"],
     )
     full = dict(logprobs=["--variants", "ours,naive", "--repeats", "3"], fused=["--repeats", "3"], dpo=["--repeats", "3"],
-                grpo=["--repeats", "2", "--max-new-tokens", "128"])
+                grpo=["--repeats", "2", "--max-new-tokens", "64", "--compare-repeats", "1"])
     sizes = small if tiny else full
     result = [
         ("cuda_tests", [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py",
@@ -82,7 +82,7 @@ def sections(args, setup, scratch):
                "--lr", "1e-6", "--out", str(scratch / f"dpo_{variant}"), *device, *flags]
         grpo = ["grpo", "--model", str(setup / "model"), "--data", str(setup / "prompts.jsonl"), "--template",
                 "prompt", "--reward", "math", "--steps", str(grpo_steps), "--batch-size", "2" if tiny else "8",
-                "--group-size", "2" if tiny else "8", "--max-new-tokens", "8" if tiny else "128",
+                "--group-size", "2" if tiny else "8", "--max-new-tokens", "8" if tiny else "64",
                 "--lr", "1e-6", "--out", str(scratch / f"grpo_{variant}"), *device, *flags]
         for name, argv in ((f"train_dpo_{variant}", dpo), (f"train_grpo_{variant}", grpo)):
             out = scratch / f"{name}.json"
@@ -165,7 +165,7 @@ def main():
         shape = "tiny" if args.tiny else "qwen2.5-0.5b"
         setup = common.write_word_setup(scratch / "setup", shape, pairs=4 if args.tiny else 160, eval_pairs=4,
                                         prompts=8 if args.tiny else 80, words=24 if args.tiny else 60,
-                                        dtype=None if args.tiny else torch.bfloat16)
+                                        dtype=None if args.tiny else torch.bfloat16, device=args.device)
         # On a CPU, one thread per process: the sections' small ops spend two threads' time waiting
         # for each other (a tiny GRPO run took 36 s with two, 5 s with one, on 2 shared cores).
         env = {**os.environ, "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": "1"} if args.device == "cpu" else {})
