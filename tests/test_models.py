@@ -21,6 +21,7 @@ from minirlhf.models import (
     response_logprobs,
     rollout_logprobs,
 )
+from minirlhf.models.forward import fused_response_logprobs
 from minirlhf.models.sampling import next_token_probs
 
 test_exercise_rm_end_score = exercise_tests("rm_end_score")
@@ -299,3 +300,8 @@ def test_temperature_divides_float32_logits_when_scoring_and_sampling(qwen2_chec
     torch.testing.assert_close(probs.double(), reference.exp().reshape(probs.shape), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gather_logprobs(logits, labels, temperature), logps, atol=1e-6, rtol=0)
     torch.testing.assert_close(entropy_from_logits(logits, temperature)[mask.bool()], entropy[mask.bool()])
+    # The fused LM-head path divides inside its float32 log-softmax too.
+    with torch.no_grad():
+        fused, _, fused_entropy = fused_response_logprobs(model, **batch, temperature=temperature, return_entropy=True)
+    torch.testing.assert_close(fused[mask.bool()].double(), expected[mask.bool()], atol=2e-6, rtol=0)
+    torch.testing.assert_close(fused_entropy[mask.bool()].double(), expected_entropy[mask.bool()], atol=2e-5, rtol=0)
