@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fixtures import write_jsonl
+from fixtures import multinomial_sampling_reference, write_jsonl
 from minirlhf.models.forward import position_ids_from_attention_mask, response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.reward_model import RewardModel
@@ -235,21 +235,11 @@ def test_sampled_tokens_are_torch_multinomials_whatever_rows_leave_the_batch(liv
     monkeypatch.setitem(sampling.CHECK_EVERY, "cpu", check_every)
     batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "describe rain .", "how are you ?",
                                           "tell me everything you know about dogs ."])
-    rows, budget, temperature = len(batch["prompts"]), 12, 1.5
+    budget, temperature = 12, 1.5
     stops = list(range(0, len(tiny_tokenizer), 9))  # a ninth of the vocabulary stops a row: lengths vary
-    generator = torch.Generator().manual_seed(5)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    expected, finished = [], torch.zeros(rows, dtype=torch.bool)
-    while len(expected) < budget and not finished.all():
-        with torch.no_grad():
-            logits = lively_policy(input_ids=ids, attention_mask=mask,
-                                   position_ids=position_ids_from_attention_mask(mask)).logits[:, -1].float()
-        token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
-        token = torch.where(finished, tiny_tokenizer.pad_token_id, token)
-        expected.append(token)
-        finished |= torch.isin(token, torch.tensor(stops))
-        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], 1)
-    expected = torch.stack(expected, 1)
+    expected = multinomial_sampling_reference(lively_policy, batch["input_ids"], batch["attention_mask"], budget,
+                                              stops, tiny_tokenizer.pad_token_id, temperature,
+                                              torch.Generator().manual_seed(5))
     kept = cache_cuts(monkeypatch)
     tokens, valid = sample_responses(lively_policy, batch["input_ids"], batch["attention_mask"], budget, stops,
                                      tiny_tokenizer.pad_token_id, temperature, torch.Generator().manual_seed(5))
