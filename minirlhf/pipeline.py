@@ -47,6 +47,7 @@ from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import rollout_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
+from minirlhf.pipeline_report import Lesson, check_lessons, load_average, machine, write_seed_report, write_seeds_report
 from minirlhf.toy.language import math_correct, parse_prompt
 from minirlhf.toy.measure import filler_count, gold_scores
 from minirlhf.train.args import parse_args
@@ -60,7 +61,6 @@ from minirlhf.train.rewards import RewardModelReward
 from minirlhf.train.rm import TOY_PRESET as RM_TOY_PRESET, RMArgs, train_rm
 from minirlhf.train.runtime import quiet_transformers, seed_everything, select_device
 from minirlhf.train.toy_world import load_toy_world
-from minirlhf.pipeline_report import Lesson, check_lessons, load_average, machine, report_one_seed, report_seeds, seeds_summary
 
 # --quick shrinks every loop of the trainers' toy-world settings.
 QUICK = {
@@ -221,58 +221,6 @@ def prompt_batches(world, tokenizer, limit, device, batch_size=64):
 # ---------------------------------------------------------------------------------------------
 
 
-def write_report(args, results, plots_written):
-    """``<out>/report.md`` and ``results.json`` of one seed: the lessons checked, the reward model
-    against the Bayes ceiling, every policy's means ± SE and gains over SFT, the plots."""
-    sft, small = results["policies"]["SFT"], results["policies"].get("PPO (small β)")
-    quick = " — **--quick preset: the numbers show nothing**" if args.quick else ""
-    lines = [
-        "# minirlhf pipeline report",
-        "",
-        f"Toy world seed {args.seed}{quick}; {len(results['policies'])} policies; total time "
-        f"{results['seconds'] / 60:.1f} min on {results['machine']} ({results['load_average']} at the end).",
-        "",
-        *report_one_seed(results),
-        "",
-        "- **gold reward r*** is the truth the preference labels were sampled from; **RM score** is the "
-        "proxy the online methods optimise; **KL** is Σ_t log π/π_SFT per response (k1, on samples).",
-    ]
-    if small is not None:
-        proxy_gain, gold_gain = small["proxy"] - sft["proxy"], small["gold"] - sft["gold"]
-        verdict = ("the proxy rose while the gold reward fell: over-optimisation"
-                   if proxy_gain > 0 > gold_gain else "no over-optimisation seen in this run")
-        lines.append(
-            f"- **PPO with a small β** (β = {SMALL_BETA}): RM score {proxy_gain:+.2f} and gold "
-            f"{gold_gain:+.2f} vs SFT, at KL {small['kl']:.1f} nats, {small['filler']:.2f} filler words per "
-            f"response (SFT: {sft['filler']:.2f}) — {verdict}. Filler words are the planted length bias: the "
-            "preference data pays for them, the gold reward does not."
-        )
-    lines += ["", "## Plots", ""]
-    lines += [f"![{title}]({path.name})" for title, path in plots_written]
-    write_text_atomic(Path(args.out) / "report.md", "\n".join(lines) + "\n")
-    write_text_atomic(Path(args.out) / "results.json", json.dumps(results, indent=2) + "\n")
-
-
-def write_seeds_report(args, per_seed, seconds):
-    """``<out>/report.md`` and ``results.json`` of a multi-seed run: mean ± sd over seeds of every
-    cell, and each lesson per seed and in the mean."""
-    summary = seeds_summary(per_seed)
-    seeds = ", ".join(str(s) for s in per_seed)
-    minutes = ", ".join(f"{r['seconds'] / 60:.1f}" for r in per_seed.values())
-    lines = [
-        f"# minirlhf pipeline report: seeds {seeds}",
-        "",
-        f"Each seed is its own toy world (data, SFT policy) and its own training runs; `seed-<s>/report.md` "
-        f"has one seed's numbers with their evaluation standard errors. Total time {seconds / 60:.1f} min "
-        f"(per seed: {minutes} min) on {machine()} ({load_average()} at the end).",
-        "",
-        *report_seeds(summary),
-    ]
-    write_text_atomic(Path(args.out) / "report.md", "\n".join(lines) + "\n")
-    write_text_atomic(Path(args.out) / "results.json", json.dumps(
-        {"summary": summary, "per_seed": {str(s): r for s, r in per_seed.items()}, "seconds": seconds}, indent=2) + "\n")
-
-
 def make_plots(out, rm_eval_dir, per_response, ppo_runs):
     """Score and length distributions per policy, and the over-optimisation curves."""
     written = []
@@ -300,6 +248,11 @@ def make_plots(out, rm_eval_dir, per_response, ppo_runs):
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------
+
+
+def settings(args):
+    """What a seed's results depend on: a rerun reuses a finished seed's results only when these match."""
+    return {key: getattr(args, key) for key in ("seed", "quick", "online_dpo", "eval_prompts", "eval_samples")}
 
 
 def run_seed(args: PipelineArgs):
@@ -362,11 +315,11 @@ def run_seed(args: PipelineArgs):
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})
-    results = {"seed": args.seed, "rm": rm_eval, "bayes_accuracy": bayes,
+    results = {"seed": args.seed, "settings": settings(args), "rm": rm_eval, "bayes_accuracy": bayes,
                "eval": {"prompts": sum(len(batch["prompts"]) for batch in batches), "samples": args.eval_samples},
                "policies": means, "errors": errors, "gains": gains, "lessons": check_lessons(LESSONS, gains),
                "seconds": time.perf_counter() - started, "machine": machine(), "load_average": load_average()}
-    write_report(args, results, written)
+    write_seed_report(out, results, written)
     log(f"report: {out / 'report.md'}")
     return results
 
@@ -384,8 +337,15 @@ def run_pipeline(args: PipelineArgs):
     started = time.perf_counter()
     per_seed = {}
     for seed in range(args.seed, args.seed + args.seeds):
-        per_seed[seed] = run_seed(dataclasses.replace(args, seed=seed, seeds=1, out=str(Path(args.out) / f"seed-{seed}")))
-    write_seeds_report(args, per_seed, time.perf_counter() - started)
+        seed_args = dataclasses.replace(args, seed=seed, seeds=1, out=str(Path(args.out) / f"seed-{seed}"))
+        finished = Path(seed_args.out) / "results.json"
+        previous = json.loads(finished.read_text()) if finished.exists() else {}
+        if previous.get("settings") == settings(seed_args):  # a rerun: this seed was evaluated already
+            print(f"[seed {seed}] already evaluated: {finished}", file=sys.stderr, flush=True)
+            per_seed[seed] = previous
+        else:
+            per_seed[seed] = run_seed(seed_args)
+    write_seeds_report(Path(args.out), per_seed, time.perf_counter() - started)
     return Path(args.out) / "report.md"
 
 

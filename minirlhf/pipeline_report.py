@@ -16,6 +16,7 @@ at a glance which held:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from minirlhf.data.atomic import write_text_atomic
 from minirlhf.eval.uncertainty import mean_sd
 
 #: (metric, column title, percent?, signed?) of the results tables
@@ -199,3 +201,57 @@ def report_seeds(summary: dict) -> list[str]:
                                for key in GAIN_COLUMNS]
                      for name, gains in summary["gains"].items() if name not in ("SFT", "RM")])
     return lines
+
+
+def over_optimisation_note(results: dict) -> list[str]:
+    """The small-β PPO run in words: RM and gold gains, KL, filler words (none when it did not run)."""
+    if "PPO (small β)" not in results["gains"]:
+        return []
+    gains, means, sft = results["gains"]["PPO (small β)"], results["policies"]["PPO (small β)"], results["policies"]["SFT"]
+    verdict = ("the proxy rose while the gold reward fell: over-optimisation" if gains["proxy"][0] > 0 > gains["gold"][0]
+               else "no over-optimisation seen in this run")
+    return [f"- **PPO with a small β**: RM score {with_error('proxy', *gains['proxy'], signed=True)} and gold "
+            f"{with_error('gold', *gains['gold'], signed=True)} vs SFT, at KL {means['kl']:.1f} nats, "
+            f"{means['filler']:.2f} filler words per response (SFT: {sft['filler']:.2f}) — {verdict}. Filler words "
+            "are the planted length bias: the preference data pays for them, the gold reward does not."]
+
+
+def write_seed_report(out: Path, results: dict, plots_written: list) -> None:
+    """``<out>/report.md`` and ``results.json`` of one seed: the lessons checked, the reward model
+    against the Bayes ceiling, every policy's means ± SE and gains over SFT, the plots."""
+    quick = " — **--quick preset: the numbers show nothing**" if results["settings"]["quick"] else ""
+    lines = [
+        "# minirlhf pipeline report",
+        "",
+        f"Toy world seed {results['seed']}{quick}; {len(results['policies'])} policies; total time "
+        f"{results['seconds'] / 60:.1f} min on {results['machine']} ({results['load_average']} at the end).",
+        "",
+        *report_one_seed(results),
+        "",
+        "- **gold reward r*** is the truth the preference labels were sampled from; **RM score** is the "
+        "proxy the online methods optimise; **KL** is Σ_t log π/π_SFT per response (k1, on samples).",
+        *over_optimisation_note(results),
+        "", "## Plots", "",
+        *[f"![{title}]({path.name})" for title, path in plots_written],
+    ]
+    write_text_atomic(Path(out) / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(Path(out) / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def write_seeds_report(out: Path, per_seed: dict, seconds: float) -> None:
+    """``<out>/report.md`` and ``results.json`` of a multi-seed run ``{seed: one seed's results}``:
+    mean ± sd over seeds of every cell, and each lesson per seed and in the mean."""
+    summary = seeds_summary(per_seed)
+    minutes = ", ".join(f"seed {s}: {r['seconds'] / 60:.1f}" for s, r in per_seed.items())
+    lines = [
+        f"# minirlhf pipeline report: seeds {', '.join(str(s) for s in per_seed)}",
+        "",
+        f"Each seed is its own toy world (data, SFT policy) and its own training runs; `seed-<s>/report.md` "
+        f"has one seed's numbers with their evaluation standard errors. Total time {seconds / 60:.1f} min "
+        f"(per seed, in minutes: {minutes}) on {machine()} ({load_average()} at the end).",
+        "",
+        *report_seeds(summary),
+    ]
+    write_text_atomic(Path(out) / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(Path(out) / "results.json", json.dumps(
+        {"summary": summary, "per_seed": {str(s): r for s, r in per_seed.items()}, "seconds": seconds}, indent=2) + "\n")

@@ -5,8 +5,8 @@
 Cache directory: ``cache_dir`` or ``$MINIRLHF_CACHE`` or ``~/.cache/minirlhf``, then
 ``toy-<seed>-<VERSION>/``::
 
-    world.json          what was measured (Bayes accuracies, data statistics) and the sha256 of
-                        every file below but sft/
+    world.json          what was measured (Bayes accuracies, data statistics), the sha256 of
+                        every file below but sft/, and (once it is built) of the SFT weights
     data/*.jsonl        the datasets (see ``minirlhf.toy.corpus``)
     tokenizer/          the toy tokenizer as built (HF format, chat_template.jinja)
     base/               the untrained tiny Qwen2 model (+ tokenizer: ``world.tokenizer_path``)
@@ -23,7 +23,8 @@ nothing half-written and a missing piece is simply rebuilt.
 the base model's initialisation and the SFT policy, which is trained on the CPU with one thread
 whatever the calling process uses (``minirlhf.train.toy_world``). The recorded sha256 digests are
 checked on every load: a file that no longer matches (an edit, a damaged disk) is reported and the
-piece rebuilt. Bump ``VERSION`` whenever the language, the data generator, the model or the SFT
+piece rebuilt. ``world.sft_sha256`` (also in ``world.json``) names the SFT weights in one string:
+two machines with the same value train every later stage from the same policy. Bump ``VERSION`` whenever the language, the data generator, the model or the SFT
 recipe changes.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Callable
 
 from transformers import PreTrainedTokenizerFast
 
-from minirlhf.data.atomic import write_dir_atomic
+from minirlhf.data.atomic import write_dir_atomic, write_text_atomic
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.toy import language
 from minirlhf.toy.corpus import CorpusSizes, build_corpus
@@ -57,7 +58,7 @@ TEMPLATES = {
 }
 
 #: the SFT policy's directory in the world's cache, and the file that marks it complete
-SFT_DIR, SFT_EVAL = "sft", "toy_eval.json"
+SFT_DIR, SFT_EVAL, SFT_WEIGHTS = "sft", "toy_eval.json", "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class ToyWorld:
     tokenizer_path: Path
     base_model: Path
     sft_model: Path | None
+    sft_sha256: str | None  # sha256 of the SFT weights (model.safetensors); None until built
     pref_train: Path
     pref_test: Path
     pku_train: Path
@@ -158,7 +160,12 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, sizes: Corpus
             warn_rebuild(sft_dir, changed)
             shutil.rmtree(sft_dir, ignore_errors=True)
             sft_dir = None
+    sft_sha256 = None
     if sft_dir is not None:
+        sft_sha256 = sft_eval["sha256"][SFT_WEIGHTS]
+        if meta.get("sft_sha256") != sft_sha256:  # first load after the build: recorded in world.json
+            meta["sft_sha256"] = sft_sha256
+            write_text_atomic(world_dir / "world.json", json.dumps(meta, indent=2) + "\n")
         stats.update({f"sft_policy_{k}": v for k, v in sft_eval["sampled"].items()})
         stats.update({f"sft_policy_greedy_{k}": v for k, v in sft_eval["greedy"].items()})
         stats["sft_train_seconds"] = sft_eval["train_seconds"]
@@ -169,7 +176,7 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, sizes: Corpus
         # Qwen2Tokenizer, which splits digits one by one), so that the world and the trainers
         # always tokenize alike.
         tokenizer=load_tokenizer(world_dir / "base"),
-        tokenizer_path=world_dir / "base", base_model=world_dir / "base", sft_model=sft_dir,
+        tokenizer_path=world_dir / "base", base_model=world_dir / "base", sft_model=sft_dir, sft_sha256=sft_sha256,
         **{name: data / f"{name}.jsonl" for name in TEMPLATES},
         bayes_accuracy=meta["bayes_accuracy"], stats=stats,
     )

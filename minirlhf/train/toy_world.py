@@ -89,6 +89,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     started = time.perf_counter()
     world = load_toy_world(seed=args.seed, cache_dir=args.cache_dir, sft=not args.no_sft)
-    print(json.dumps({"dir": str(world.dir), "sft_model": str(world.sft_model), "seconds": time.perf_counter() - started,
+    print(json.dumps({"dir": str(world.dir), "sft_model": str(world.sft_model),
+                      "sft_sha256": world.sft_sha256, "seconds": time.perf_counter() - started,
                       "bayes_accuracy": world.bayes_accuracy, "stats": world.stats}, indent=2))
     return 0
