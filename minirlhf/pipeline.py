@@ -1,7 +1,8 @@
 """The main job: the whole RLHF pipeline on the embedded toy world, scored against the truth.
 
-    python -m minirlhf pipeline              # ≤ 10 minutes on 2 CPU cores
-    python -m minirlhf pipeline --quick      # seconds to a minute: a first look (and a test)
+    python -m minirlhf pipeline              # one seed (README gives the time on 2 CPU cores)
+    python -m minirlhf pipeline --seeds 3    # seeds 0, 1, 2: every cell as mean ± sd over seeds
+    python -m minirlhf pipeline --quick      # a minute or two: a first look (and a test)
 
 The toy world (``minirlhf.toy``) knows the gold reward r*(x, y) that its preference labels were
 sampled from, so every stage can be measured against the truth instead of against another model:
@@ -19,11 +20,16 @@ sampled from, so every stage can be measured against the truth instead of agains
 7. **Online DPO**: the policy samples pairs, the RM labels them, DPO updates.
 8. **Evaluate** every policy on held-out prompts: gold reward and its helpful/harmless parts,
    math accuracy, RM (proxy) score, KL(π‖π_SFT) per response, length and filler words.
-9. **Report**: ``<out>/report.md`` with the results table and the plots.
+9. **Report**: ``<out>/report.md`` (and ``results.json``): the lessons the run claims
+   (``LESSONS``) checked, every mean with its evaluation standard error over prompts, every gain
+   over SFT with its paired standard error (``minirlhf.eval.uncertainty``), and the plots. With
+   ``--seeds K`` each seed runs in ``<out>/seed-<s>`` and the report gives mean ± sd over seeds and
+   each lesson per seed (``minirlhf.pipeline_report``).
 
 Every stage is a call of the same ``train_<algo>`` function the CLI runs; a stage whose
 ``<out>/<stage>/final`` already exists is not trained again, so an interrupted pipeline resumes
-where it stopped.
+where it stopped; with ``--seeds`` a seed whose ``results.json`` is written (same settings) is not
+run again either.
 """
 import dataclasses
 import json

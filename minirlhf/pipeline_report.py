@@ -171,7 +171,10 @@ def seeds_summary(per_seed: dict) -> dict:
         lesson = Lesson(check["claim"], check["policy"], check["metric"], check["threshold"], check["at_least"])
         lessons.append({**dataclasses.asdict(lesson), "values": values, "mean": mean, "sd": sd,
                         "held_per_seed": [lesson.holds(v) for v in values], "held_in_mean": lesson.holds(mean)})
-    return {"seeds": list(per_seed), "policies": policies, "gains": gains, "lessons": lessons,
+    gains_per_seed = {name: {key: [r["gains"][name][key] for r in per_seed.values()] for key in values}
+                      for name, values in first["gains"].items()}
+    return {"seeds": list(per_seed), "policies": policies, "gains": gains, "gains_per_seed": gains_per_seed,
+            "lessons": lessons,
             "rm_accuracy": mean_sd([r["rm"]["model"]["accuracy"] for r in per_seed.values()]),
             "bayes_accuracy": mean_sd([r["bayes_accuracy"] for r in per_seed.values()])}
 
@@ -195,11 +198,16 @@ def report_seeds(summary: dict) -> list[str]:
     lines += _table(["policy"] + [title for _, title, _, _ in COLUMNS],
                     [[name] + [with_error(key, *means[key], signed) if key in means else "–"
                                for key, _, _, signed in COLUMNS] for name, means in summary["policies"].items()])
-    lines += ["", f"## Gains over SFT (mean ± sd over {len(seeds)} seeds)", ""]
-    lines += _table(["policy"] + [title for key, title, _, _ in COLUMNS if key in GAIN_COLUMNS],
-                    [[name] + [with_error(key, *gains[key], signed=True) if key in gains else "–"
-                               for key in GAIN_COLUMNS]
-                     for name, gains in summary["gains"].items() if name not in ("SFT", "RM")])
+    lines += ["", "## Gains over SFT: each seed ± its evaluation SE (paired by prompt), and mean ± sd over seeds"]
+    for key, title, _, _ in COLUMNS:
+        if key not in GAIN_COLUMNS:
+            continue
+        lines += ["", f"**{title}**", ""]
+        lines += _table(["policy"] + [f"seed {s}" for s in seeds] + ["mean ± sd"],
+                        [[name] + [with_error(key, *value, signed=True) for value in per_seed[key]]
+                         + [with_error(key, *summary["gains"][name][key], signed=True)]
+                         for name, per_seed in summary["gains_per_seed"].items()
+                         if name not in ("SFT", "RM") and key in per_seed])
     return lines
 
 

@@ -2,7 +2,10 @@
 import json
 import math
 
+import pytest
+
 from minirlhf.__main__ import main
+from minirlhf.pipeline import LESSONS
 
 POLICIES = ["SFT", "DPO", "PPO", "PPO (small β)", "GRPO (math)", "GRPO (gold)", "online DPO"]
 
@@ -27,7 +30,38 @@ def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
     for plot in ["gold_by_policy.png", "proxy_by_policy.png", "length_by_policy.png"]:
         assert (out / plot).stat().st_size > 0
 
+    # Every number carries its standard error; every lesson is checked.
+    for name in POLICIES:
+        assert set(results["errors"][name]) == set(results["policies"][name])
+        assert results["gains"][name]["gold"][0] == pytest.approx(results["policies"][name]["gold"]
+                                                                  - results["policies"]["SFT"]["gold"])
+    assert results["gains"]["SFT"]["gold"] == [0.0, 0.0]
+    assert [c["policy"] for c in results["lessons"]] == [lesson.policy for lesson in LESSONS]
+    assert all(isinstance(c["held"], bool) and math.isfinite(c["se"]) for c in results["lessons"])
+    assert "## Lessons:" in report and " ± " in report
+
     # A second run finds every stage trained and only evaluates again.
     capsys.readouterr()
     assert main(argv) == 0
     assert capsys.readouterr().err.count("already trained") == 7
+
+    # --seeds 2 runs each seed in <out>/seed-<s>; a seed whose results are there (same settings) is
+    # not run again: here both are, so only the summary over the seeds is written.
+    seeds_out = tmp_path / "seeds"
+    for seed, shift in ((0, 0.0), (1, 1.0)):
+        (seeds_out / f"seed-{seed}").mkdir(parents=True)
+        one = json.loads(json.dumps(results))
+        one["seed"] = one["settings"]["seed"] = seed
+        one["policies"]["DPO"]["gold"] += shift
+        one["gains"]["DPO"]["gold"][0] += shift
+        one["lessons"][1]["value"] += shift
+        (seeds_out / f"seed-{seed}" / "results.json").write_text(json.dumps(one))
+    argv_seeds = ["pipeline", "--quick", "--seeds", "2", "--out", str(seeds_out)] + argv[4:]
+    assert main(argv_seeds) == 0
+    assert capsys.readouterr().err.count("already evaluated") == 2
+    summary = json.loads((seeds_out / "results.json").read_text())["summary"]
+    dpo = summary["lessons"][1]
+    assert dpo["policy"] == "DPO" and dpo["values"][1] == pytest.approx(dpo["values"][0] + 1.0)
+    assert dpo["sd"] == pytest.approx(math.sqrt(0.5))
+    report = (seeds_out / "report.md").read_text()
+    assert "| seed 0 | seed 1 | mean ± sd |" in report
