@@ -38,7 +38,8 @@ COLUMNS = [
     ("length", "length (tokens)", False, False),
     ("filler", "filler words", False, False),
 ]
-PERCENT = {key for key, _, percent, _ in COLUMNS if percent} | {"bayes_gap", "accuracy"}
+PERCENT = {key for key, _, percent, _ in COLUMNS if percent} | {"accuracy"}
+POINTS = {"bayes_gap"}  # a distance between accuracies: points with one decimal
 GAIN_COLUMNS = ("gold", "math_accuracy", "proxy")
 
 
@@ -61,6 +62,8 @@ def number(key: str, value: float, signed: bool = False) -> str:
     """A value as the tables print it: percent points for accuracies, two decimals otherwise."""
     if value is None or math.isnan(value):
         return "–"
+    if key in POINTS:
+        return f"{value * 100:.1f} pts"
     if key in PERCENT:
         return f"{value * 100:+.0f} pts" if signed else f"{value * 100:.0f}%"
     if abs(value) >= 10:
@@ -72,7 +75,10 @@ def with_error(key: str, value: float, error: float, signed: bool = False) -> st
     """``value ± error`` (the error in the value's unit: points for accuracies)."""
     if error is None or math.isnan(error):
         return number(key, value, signed)
-    spread = f"{error * 100:.0f}" if key in PERCENT else (f"{error:.1f}" if abs(value) >= 10 else f"{error:.2f}")
+    if key in POINTS or key in PERCENT:
+        spread = f"{error * 100:.{1 if key in POINTS else 0}f}"
+    else:
+        spread = f"{error:.1f}" if abs(value) >= 10 else f"{error:.2f}"
     return f"{number(key, value, signed)} ± {spread}"
 
 

@@ -107,3 +107,15 @@ def test_seeds_summary_reports_every_lesson_per_seed_and_in_the_mean():
     report = "\n".join(report_seeds(summary))
     assert "0 of 1 held in every seed and in the mean" in report
     assert "+0.10 ❌" in report and "+0.20 ± 0.10 ✅" in report
+
+
+def test_numbers_print_with_their_error_in_their_own_unit():
+    from minirlhf.pipeline_report import threshold_text, with_error
+
+    assert with_error("gold", -2.004, 0.113, signed=True) == "-2.00 ± 0.11"
+    assert with_error("math_accuracy", 0.24, 0.05, signed=True) == "+24 pts ± 5"
+    assert with_error("math_accuracy", 0.48, 0.04) == "48% ± 4"
+    assert with_error("bayes_gap", 0.029, 0.014) == "2.9 pts ± 1.4"
+    assert with_error("kl", 37.7, 0.71) == "37.7 ± 0.7"
+    assert with_error("gold", 0.4, float("nan")) == "0.40"  # one seed: no spread to show
+    assert threshold_text({"metric": "bayes_gap", "threshold": 0.04, "at_least": False}) == "≤ 4.0 pts"
