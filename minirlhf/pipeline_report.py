@@ -261,8 +261,9 @@ def write_seeds_report(out: Path, per_seed: dict, seconds: float) -> None:
         f"# minirlhf pipeline report: seeds {', '.join(str(s) for s in per_seed)}",
         "",
         f"Each seed is its own toy world (data, SFT policy) and its own training runs; `seed-<s>/report.md` "
-        f"has one seed's numbers with their evaluation standard errors. Total time {seconds / 60:.1f} min "
-        f"(per seed, in minutes: {minutes}) on {machine()} ({load_average()} at the end).",
+        f"has one seed's numbers with their evaluation standard errors. Time per seed, in minutes, as each was "
+        f"run: {minutes}; this call {seconds / 60:.1f} min (seeds found finished are not run again) on "
+        f"{machine()} ({load_average()} at the end).",
         "",
         *report_seeds(summary),
     ]
