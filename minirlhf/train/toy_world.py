@@ -11,9 +11,10 @@ nothing behind and a concurrent one keeps whichever finished first.
 
 **The same weights whoever builds them.** The policy is trained and measured on the CPU with
 ``BUILD_THREADS`` threads, whatever device the machine has and however many threads the calling
-process uses (its own count is restored afterwards): a float sum split across more threads adds in
-another order, and those last bits, amplified by a thousand optimizer steps, would make every
-later number depend on whoever built the cache first. ``toy_eval.json`` records the sha256 of the
+process uses (its own count is restored afterwards): a kernel that splits a float sum across more
+threads may add in another order (whether one does depends on the CPU and the library), and those
+last bits, amplified by a thousand optimizer steps, would make every later number depend on
+whoever built the cache first; and a GPU's kernels differ from the CPU's. ``toy_eval.json`` records the sha256 of the
 saved files and how they were built; ``load_world`` checks them on every load.
 
     python -m minirlhf toy-world [--seed N] [--cache-dir DIR] [--no-sft]
