@@ -78,10 +78,8 @@ QUICK = {
 }
 # PPO against the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT;
 # with a small β it over-optimises the RM.
-PPO_BETA, SMALL_BETA = 1.0, 0.01
-PPO_BUDGET = dict(steps=60)
-GRPO_BUDGET = dict()
-ONLINE_DPO_BUDGET = dict()
+PPO_BETA, PPO_STEPS = 1.0, 60
+SMALL_BETA = 0.01
 
 #: what the main job claims, checked in every report (gains over SFT on the held-out prompts)
 LESSONS = (
@@ -293,14 +291,14 @@ def run_seed(args: PipelineArgs):
     policies = {"SFT": Path(sft)}
     policies["DPO"] = run_stage("dpo", args, train_dpo, stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline}), log)
     for name, stage, beta in (("PPO", "ppo", PPO_BETA), ("PPO (small β)", "ppo_small_beta", SMALL_BETA)):
-        ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=beta, **PPO_BUDGET)
+        ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=beta, steps=PPO_STEPS)
         policies[name] = run_stage(stage, args, train_ppo, ppo, log)
     for name, stage, reward, prompts in (("GRPO (math)", "grpo_math", "math", world.math_prompts),
                                          ("GRPO (gold)", "grpo_gold", "gold", world.prompts)):
-        grpo = stage_args(GRPOArgs, args, "grpo", reward=reward, data=str(prompts), **GRPO_BUDGET)
+        grpo = stage_args(GRPOArgs, args, "grpo", reward=reward, data=str(prompts))
         policies[name] = run_stage(stage, args, train_grpo, grpo, log)
     if args.online_dpo:
-        online = stage_args(OnlineDPOArgs, args, "online_dpo", reward=str(rm), **ONLINE_DPO_BUDGET)
+        online = stage_args(OnlineDPOArgs, args, "online_dpo", reward=str(rm))
         policies["online DPO"] = run_stage("online_dpo", args, train_online_dpo, online, log)
 
     # 8. Evaluate every policy on the held-out prompts: means ± SE, gains over SFT paired by prompt.
