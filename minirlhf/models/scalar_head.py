@@ -77,17 +77,21 @@ class ScalarHeadModel(nn.Module):
             model.score_head.weight.copy_(hf_model.score.weight)
         return model.to(device) if device is not None else model
 
-    def save_pretrained(self, directory, tokenizer=None):
+    def save_pretrained(self, directory, tokenizer=None, state_dict=None):
         """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer) in HF's layout.
 
+        ``state_dict``: the weights to write, as ``self.state_dict()`` names them (default: the
+        module's own; a sharded model passes its gathered whole tensors, as with HF's models).
         Like HF's ``save_pretrained`` it writes into ``directory`` as it goes; for an all-or-nothing
         save wrap it in ``minirlhf.data.atomic.write_dir_atomic`` (the trainers' checkpoints do).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         prefix = self.backbone.base_model_prefix  # "model" for Qwen2/Llama, "transformer" for GPT-2
-        state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in self.backbone.state_dict().items()}
-        state["score.weight"] = self.score_head.weight.detach().contiguous()
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {f"{prefix}.{name.removeprefix('backbone.')}": t.detach().contiguous()
+                 for name, t in weights.items() if name.startswith("backbone.")}
+        state["score.weight"] = weights["score_head.weight"].detach().contiguous()
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
         config = copy.deepcopy(self.config)

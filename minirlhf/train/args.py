@@ -71,7 +71,10 @@ class TrainArgs:
     """Stop after this many optimizer steps, saving a checkpoint, without changing the schedule
     (time-boxing a run; --resume continues it). 0 = run to the end."""
     device: typing.Optional[str] = None
-    """'cuda', 'cpu', ... (default: CUDA when available)."""
+    """'cuda', 'cpu', ... (default: CUDA when available; under torchrun each process's own GPU)."""
+    fsdp: bool = False
+    """Under torchrun: shard weights, gradients and AdamW state across the processes (FSDP2) instead
+    of a whole copy on each (DDP), for models too big for one GPU. Same training either way."""
     progress: bool = True
     """Show a tqdm progress bar with live metrics."""
     tensorboard: bool = True
@@ -171,7 +174,8 @@ def data_limits(args):
 
 
 # Arguments that may change between an interrupted run and its --resume without changing results.
-RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "device", "eval_every", "log_every", "save_every")
+RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "device", "fsdp", "eval_every", "log_every",
+                     "save_every")
 
 
 def save_args(args, out):

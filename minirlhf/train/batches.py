@@ -8,6 +8,8 @@ exactly (up to float rounding), whatever the split: the step does not depend on
 """
 import torch
 
+from minirlhf.data.collate import collate_sft, to_device
+
 
 def micro_batches(indices, micro_batch_size):
     """Split one batch's example indices into consecutive micro-batches (0 = no split)."""
@@ -24,6 +26,13 @@ def accumulation_weights(counts):
 def response_tokens(batch):
     """The number of response labels of a batch (what a token-mean loss averages over), a float."""
     return float(batch["response_mask"][:, 1:].sum())
+
+
+def ptx_batch(examples, pad_id, n, device):
+    """``n`` random SFT examples for PPO's ptx term, as ``ptx_``-prefixed tensors."""
+    rows = torch.randint(len(examples), (n,)).tolist()
+    batch = to_device(collate_sft([examples[i] for i in rows], pad_id), device)
+    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
 def select_rows(batch, rows):

@@ -9,6 +9,10 @@ Layout of a run directory::
 It is written to a temporary directory, fsynced, renamed into place, and only then does the
 one-line pointer file ``out/checkpoints/latest`` switch to it. The previous checkpoint is kept, so
 a crash at any moment leaves a complete last-good checkpoint to ``--resume`` from.
+
+Under torchrun every rank calls these functions together (they gather what rank 0 writes: FSDP's
+shards, each rank's RNG state); rank 0 alone writes, and every rank reads on ``--resume`` (a
+multi-node run needs ``--out`` on a filesystem all nodes share).
 """
 import shutil
 import time
@@ -19,24 +23,30 @@ import torch
 from minirlhf.data.atomic import write_dir_atomic, write_text_atomic
 from minirlhf.errors import MinirlhfError
 from minirlhf.train.args import save_args, warn_changed_args
+from minirlhf.train.distributed import barrier, broadcast, gather_objects, init_distributed, is_main, rank
+from minirlhf.train.parallel import full_optimizer_state, full_state_dict, load_optimizer_state
 from minirlhf.train.runtime import quiet_transformers, rng_state, seed_everything, set_rng_state
 
 
 def prepare_run(args, algo):
     """Start (or resume) the run in ``args.out``; returns the checkpoint to resume from, or None.
 
-    Fills ``args.out`` (default ``runs/<algo>-<time>``), finds the checkpoint (``--resume``),
-    writes ``args.json`` and seeds everything. Call it first in every ``train_<algo>``: on
-    ``--resume`` the trainer then loads its model from the returned directory.
+    Joins torchrun's process group (if torchrun started us), fills ``args.out`` (default
+    ``runs/<algo>-<time>``), finds the checkpoint (``--resume``), writes ``args.json`` and seeds
+    everything, rank r with ``seed + r`` (so the ranks sample different responses). Call it first in
+    every ``train_<algo>``: on ``--resume`` the trainer then loads its model from the returned directory.
     """
     quiet_transformers()
-    if args.out is None:
-        args.out = str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    init_distributed(args.device)
+    if args.out is None:  # rank 0's clock names the run
+        args.out = broadcast(str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"))
     checkpoint = resume_checkpoint(args)
-    if checkpoint is not None:
-        warn_changed_args(args)
-    save_args(args, args.out)
-    seed_everything(args.seed)
+    if is_main():
+        if checkpoint is not None:
+            warn_changed_args(args)
+        save_args(args, args.out)
+    barrier()  # every rank has looked for a checkpoint before rank 0 writes one
+    seed_everything(args.seed + rank())
     return checkpoint
 
 
@@ -76,29 +86,35 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, extra=Non
     ``RewardModel.from_pretrained``) and ``training_state.pt`` = optimizer, scheduler, ``step`` (the
     number of optimizer steps done), RNG states and ``extra`` (anything else the trainer needs,
     e.g. PPO's critic and KL coefficient). Older checkpoints beyond the newest ``keep`` are deleted
-    only after the new one is complete. Returns the checkpoint path.
+    only after the new one is complete. Returns the checkpoint path. Under torchrun every rank calls
+    it; the RNG states of all ranks are stored (``rng_per_rank``).
     """
     root = Path(out) / "checkpoints"
     path = root / f"step-{step:06d}"
+    weights, optimizer_state, rngs = full_state_dict(model), full_optimizer_state(optimizer), gather_objects(rng_state())
 
     def write(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
             "extra": extra or {},
         }
+        if len(rngs) > 1:
+            state["rng_per_rank"] = rngs
         torch.save(state, tmp / "training_state.pt")
 
-    write_dir_atomic(path, write)
-    write_text_atomic(root / "latest", path.name + "\n")
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        if old.name != path.name:
-            shutil.rmtree(old, ignore_errors=True)
+    if is_main():
+        write_dir_atomic(path, write)
+        write_text_atomic(root / "latest", path.name + "\n")
+        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            if old.name != path.name:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return path
 
 
@@ -116,24 +132,32 @@ def load_training_state(path, optimizer, scheduler):
     (``state["step"]`` optimizer steps are done, ``state["extra"]`` is what the trainer saved).
 
     The model weights are loaded by the trainer itself, from the same directory, with its usual
-    loader (``from_pretrained``), *before* building the optimizer.
+    loader (``from_pretrained``), *before* building the optimizer. Under torchrun rank r restores
+    rank r's RNG state; a rank the interrupted run did not have keeps its fresh seed.
     """
     state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rngs = state.get("rng_per_rank", [state["rng"]])
+    if rank() < len(rngs):
+        set_rng_state(rngs[rank()])
     return state
 
 
 def save_model(model, tokenizer, path):
-    """Write an HF-loadable model (``save_pretrained``) and its tokenizer atomically to ``path``."""
+    """Write an HF-loadable model (``save_pretrained``) and its tokenizer atomically to ``path``
+    (rank 0 writes, every rank returns ``path``)."""
+    weights = full_state_dict(model)
 
     def write(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return write_dir_atomic(path, write)
+    if is_main():
+        write_dir_atomic(path, write)
+    barrier()
+    return Path(path)
 
 
 def final_path(args, model, tokenizer, done, total_steps):

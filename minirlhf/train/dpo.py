@@ -33,13 +33,15 @@ from minirlhf.data.order import BatchSchedule, hold_out
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
 from minirlhf.train.kto import train_kto
+from minirlhf.train.distributed import data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.preference import (
     TOY_PRESET, cached_reference_logps, implicit_reward_metrics, pair_batch, pair_rows, sequence_logps,
 )
@@ -191,7 +193,9 @@ def train_dpo(args: DPOArgs):
         rows = {"eval": pair_rows(eval_examples), "train": pair_rows(train_examples)}
         ref = cached_reference_logps(args, resume_from, rows, pad_id, device)
 
-    # 4. Optimizer, schedule, deterministic batch order; resume state.
+    # 4. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_policy = data_parallel(policy, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
@@ -209,18 +213,20 @@ def train_dpo(args: DPOArgs):
             # 5.2 Stop.
             if step == last:
                 break
-            # 5.3 Forward/backward: micro-batches of pairs weighted by their share of the pairs.
+            # 5.3 Forward/backward: this rank's share of the batch, in micro-batches of pairs weighted
+            #     by their share of the batch's pairs (counted over all ranks).
             policy.train()
             indices = schedule.batch(step)
             micro = [(ids, pair_batch(train_examples, ids, pad_id, device, ref.get("train")))
-                     for ids in micro_batches(indices, args.micro_batch_size)]
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
+                     for ids in micro_batches(rank_share(indices), args.micro_batch_size)]
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
             guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = pairwise_preference_loss(args, policy, batch)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with autocast(device):
+                        loss, loss_metrics = pairwise_preference_loss(args, dp_policy, batch)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
             metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
                                           guard=guard, step=step, example_ids=indices))
             # 5.4 Log.

@@ -18,7 +18,8 @@ reduced over tokens by ``--aggregation`` (``sequence_mean`` = GRPO paper, ``toke
 Each iteration of the loop in ``train_grpo``:
 
 1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
-2. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt);
+2. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt;
+   under torchrun each rank samples its share of the prompts, so a group never spans ranks);
    one reward per response (``--reward math`` = verifiable accuracy, or an RM path); log-probs of
    the samples under π_old (= the sampling policy) and π_ref.
 3. **Group advantages** (``group_advantages``); groups whose G rewards are all equal carry no
@@ -54,12 +55,14 @@ from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
 from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.batches import micro_batches, response_tokens, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, gathered, per_rank, rank_share
 from minirlhf.train.metrics import TrainingLog, average, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
@@ -112,7 +115,7 @@ def micro_batch_weights(micro, aggregation):
 
     ``sequence_mean`` averages over the rows that have response tokens, ``token_mean`` over
     response tokens, ``fixed_length`` over rows (its normaliser ``B · max_len`` counts rows). So
-    ``Σ_k w_k L_k`` equals the loss of the whole minibatch.
+    ``Σ_k w_k L_k`` equals the loss of the whole minibatch (under torchrun: of every rank's share).
     """
     if aggregation == "token_mean":
         counts = [response_tokens(b) for _, b in micro]
@@ -120,7 +123,7 @@ def micro_batch_weights(micro, aggregation):
         counts = [float(b["response_mask"].bool().any(-1).sum()) for _, b in micro]
     else:
         counts = [float(len(b["input_ids"])) for _, b in micro]
-    return accumulation_weights(counts)
+    return data_parallel_weights(counts)
 
 
 def grpo_step_loss(policy, batch, args):
@@ -158,7 +161,12 @@ def train_grpo(args: GRPOArgs):
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (counted in optimizer steps); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts and steps on its share of every minibatch. Optimizer and schedule
+    #    (counted in optimizer steps); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
+    rank_responses = per_rank(args.batch_size) * args.group_size
+    rank_minibatch = per_rank(minibatch_size, "--minibatch-size")
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     updates = args.ppo_epochs * num_responses // minibatch_size
     scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
@@ -178,8 +186,9 @@ def train_grpo(args: GRPOArgs):
             # 4.2 Rollout: G samples per prompt; one reward per response; log-probs of the samples
             #     under the sampling policy and the reference.
             with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=args.group_size, temperature=args.temperature)
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=args.group_size,
+                                            temperature=args.temperature)
                 rewards = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
@@ -190,16 +199,18 @@ def train_grpo(args: GRPOArgs):
             # 4.4 Clipped-surrogate + β·k3 updates over shuffled minibatches.
             update_metrics = []
             for _ in range(args.ppo_epochs):
-                order = torch.randperm(num_responses).tolist()
-                for first in range(0, num_responses, minibatch_size):
-                    rows = order[first : first + minibatch_size]
+                order = torch.randperm(rank_responses).tolist()
+                for first in range(0, rank_responses, rank_minibatch):
+                    rows = order[first : first + rank_minibatch]
                     micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
                     weights = micro_batch_weights(micro, args.aggregation)
                     metrics = {}
-                    for (ids, batch), weight in zip(micro, weights):
-                        with autocast(device):
-                            loss, loss_metrics = grpo_step_loss(policy, batch, args)
-                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                    for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                        with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once
+                            with autocast(device):
+                                loss, loss_metrics = grpo_step_loss(dp_policy, batch, args)
+                            backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration,
+                                              example_ids=ids)
                     metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
                                                   guard=guard, step=iteration, example_ids=rows))
                     update_metrics.append(metrics)
@@ -212,8 +223,8 @@ def train_grpo(args: GRPOArgs):
                        **response_metrics(rollout)}
             if args.reward == "math":
                 metrics["accuracy"] = metrics["reward"]
-            if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            if log_gold:  # over every rank's samples
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

@@ -29,12 +29,14 @@ from minirlhf.data.datasets import load_kto_data, load_preference_data
 from minirlhf.data.order import BatchSchedule, epoch_permutation
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import all_reduce_sum, data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.preference import (
     TOY_PRESET, cached_reference_logps, pair_batch, pair_rows, sequence_logps, sigmoid_dpo_metrics,
 )
@@ -82,13 +84,14 @@ def mismatched_rows(examples, seed, max_len):
 
 @torch.no_grad()
 def kto_reference_point(policy, kl_rows, ref_kl, indices, micro_batch_size, pad_id, device):
-    """z0 = mean over the batch ``indices`` of log π(y_π(i)|x_i) − log π_ref(y_π(i)|x_i), no gradient."""
+    """z0 = mean over the batch ``indices`` of log π(y_π(i)|x_i) − log π_ref(y_π(i)|x_i), no gradient
+    (each rank sums its share of the batch; the sums are all-reduced)."""
     total = 0.0
     with autocast(device):
-        for ids in micro_batches(indices, micro_batch_size):
+        for ids in micro_batches(rank_share(indices), micro_batch_size):
             batch = to_device(collate_sft([kl_rows[i] for i in ids], pad_id), device)
             total += float((sequence_logps(policy, batch)[0].float().cpu() - ref_kl[ids]).sum())
-    return total / len(indices)
+    return all_reduce_sum(total) / len(indices)
 
 
 def kto_batch_loss(args, model, batch):
@@ -155,7 +158,9 @@ def train_kto(args: KTOArgs):
     rows = {"eval": pair_rows(eval_examples), "train": train_examples, "train_kl": kl_rows}
     ref = cached_reference_logps(args, resume_from, rows, pad_id, device)
 
-    # 4. Optimizer, schedule, deterministic batch order; resume state.
+    # 4. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_policy = data_parallel(policy, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
@@ -173,22 +178,24 @@ def train_kto(args: KTOArgs):
             # 5.2 Stop.
             if step == last:
                 break
-            # 5.3 Forward/backward: z0 over the whole batch, then micro-batches weighted by examples.
+            # 5.3 Forward/backward: z0 over the whole batch, then this rank's share of the batch in
+            #     micro-batches weighted by their share of the batch's examples (over all ranks).
             policy.train()
             indices = schedule.batch(step)
             z0 = kto_reference_point(policy, kl_rows, ref["train_kl"], indices, args.micro_batch_size, pad_id, device)
             micro = []
-            for ids in micro_batches(indices, args.micro_batch_size):
+            for ids in micro_batches(rank_share(indices), args.micro_batch_size):
                 batch = collate_kto([train_examples[i] for i in ids], pad_id)
                 batch.update(ref_logps=ref["train"][ids], kl_reference=torch.tensor(z0))
                 micro.append((ids, to_device(batch, device)))
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
             guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = kto_batch_loss(args, policy, batch)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with autocast(device):
+                        loss, loss_metrics = kto_batch_loss(args, dp_policy, batch)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
             metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
                                           guard=guard, step=step, example_ids=indices))
             # 5.4 Log.

@@ -3,7 +3,9 @@
 ``out/train.csv`` gets a row per logged optimizer step, ``out/eval.csv`` a row per evaluation;
 TensorBoard (``tensorboard --logdir runs/``) gets the same numbers as ``train/loss``,
 ``eval/accuracy``, ...; the tqdm bar's postfix shows the live loss/accuracy/KL. A trainer opens a
-``TrainingLog`` around its loop and calls ``log.train(done, metrics)`` after every step.
+``TrainingLog`` around its loop and calls ``log.train(done, metrics)`` after every step. Under
+torchrun every rank calls it with the metrics of its share of the batch; their mean over the ranks
+is what rank 0, alone, logs.
 """
 import csv
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from minirlhf.data.atomic import atomic_file
+from minirlhf.train.distributed import is_main, mean_over_ranks
 
 # The metrics a progress bar shows, in this order, when a trainer logs them.
 POSTFIX_KEYS = ("loss", "accuracy", "margin", "kl", "reward", "entropy")
@@ -93,29 +96,36 @@ class TrainingLog:
     ``with TrainingLog(args, start, total, last, desc) as log:`` around the loop; ``start`` steps
     are done (resuming), the bar counts to ``total``, the run stops after ``last``.
     ``log.train(done, metrics)`` after each step writes every ``--log-every`` steps (and the
-    last one) and advances the bar; ``log.eval(done, metrics)`` writes ``eval.csv``.
+    last one) and advances the bar; ``log.eval(done, metrics)`` writes ``eval.csv``. Under torchrun
+    only rank 0 writes and shows a bar; ``train`` logs the mean of the ranks' metrics (each rank's
+    share of the step weighs the same), ``eval`` rank 0's (every rank evaluates the whole test split).
     """
 
     def __init__(self, args, start, total, last, desc):
         self.every, self.last = max(1, args.log_every), last
-        self.logger = MetricsLogger(args.out, start, tensorboard=args.tensorboard)
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not args.progress, dynamic_ncols=True)
+        self.logger = MetricsLogger(args.out, start, tensorboard=args.tensorboard) if is_main() else None
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (args.progress and is_main()),
+                        dynamic_ncols=True)
 
     def train(self, done, metrics):
         if done % self.every == 0 or done == self.last:
-            self.logger.log(done, metrics)
+            metrics = mean_over_ranks(metrics)  # every rank takes part; rank 0 writes
+            if self.logger is not None:
+                self.logger.log(done, metrics)
             self.bar.set_postfix(postfix(metrics), refresh=False)
         self.bar.update(1)
 
     def eval(self, done, metrics):
-        self.logger.log(done, metrics, split="eval")
+        if self.logger is not None:
+            self.logger.log(done, metrics, split="eval")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.bar.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 def eval_due(args, done, start, total):

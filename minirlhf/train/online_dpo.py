@@ -38,12 +38,14 @@ from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
 from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.batches import micro_batches, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import all_reduce_sum, data_parallel_weights, gathered, pad_micro_batches, rank_share
 from minirlhf.train.metrics import TrainingLog, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
@@ -126,7 +128,9 @@ def train_online_dpo(args: OnlineDPOArgs):
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (one step per iteration); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts. Optimizer and schedule (one step per iteration); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
     start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
@@ -146,8 +150,8 @@ def train_online_dpo(args: OnlineDPOArgs):
             #     sampling policy's for the logged KL, both at temperature 1: DPO's implicit reward
             #     is defined by π_θ itself, not by the sampling distribution.
             with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=2, temperature=args.temperature)
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=2, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size)
@@ -157,22 +161,30 @@ def train_online_dpo(args: OnlineDPOArgs):
             first_wins = (first > second)[labelled]
             chosen_rows = 2 * labelled + (~first_wins).long()
             rejected_rows = 2 * labelled + first_wins.long()
-            # 4.4 One DPO step over the labelled pairs, micro-batched by pairs (a mean over pairs).
+            # 4.4 One DPO step over the labelled pairs of all ranks, micro-batched by pairs (a mean over
+            #     pairs); none when no rank has one.
             metrics = {}
-            if len(labelled) > 0:
+            num_labelled = all_reduce_sum(len(labelled))
+            if num_labelled > 0:
                 data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
                 data["ref_logps"] = sequence_logprobs(ref_logprobs, mask, average=args.loss == "ipo")
                 pairs = list(range(len(labelled)))
                 micro = [(labelled[part].tolist(), select_rows(data, torch.cat([chosen_rows[part], rejected_rows[part]])))
                          for part in micro_batches(pairs, args.micro_batch_size)]
-                weights = accumulation_weights([len(ids) for ids, _ in micro])
-                for (ids, batch), weight in zip(micro, weights):
-                    with autocast(device):
-                        loss, loss_metrics = sampled_pair_loss(policy, batch, args)
-                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                # Ranks hold different numbers of pairs: one with fewer micro-batches adds weight-0 ones
+                # (pair 0, no example ids), as every rank must run as many forward/backward passes.
+                micro = pad_micro_batches(micro, ([], select_rows(data, torch.tensor([0, 1]))))
+                weights = data_parallel_weights([len(ids) for ids, _ in micro])
+                for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                    with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once
+                        with autocast(device):
+                            loss, loss_metrics = sampled_pair_loss(dp_policy, batch, args)
+                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration,
+                                          example_ids=ids)
                 metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
                                               guard=guard, step=iteration, example_ids=labelled.tolist()))
-                metrics["judge_margin"] = float((scores[chosen_rows] - scores[rejected_rows]).mean())
+                margins = scores[chosen_rows] - scores[rejected_rows]
+                metrics["judge_margin"] = float(all_reduce_sum(margins.sum()) / num_labelled)
             else:
                 scheduler.step()  # keep the schedule aligned with the iteration count
             # 4.5 Log.
@@ -183,7 +195,7 @@ def train_online_dpo(args: OnlineDPOArgs):
                 **response_metrics(rollout),
             })
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

@@ -5,13 +5,15 @@ checked, scaled by the micro-batch's weight and backpropagated), then ``optimize
 gradient norm is clipped and checked, AdamW and the schedule step). A NaN/inf loss or gradient
 norm stops the run *before* the optimizer step touches the weights: ``DivergenceGuard`` saves that
 (still finite) state as a checkpoint and raises ``TrainingDiverged`` naming the step and the
-example ids of the batch.
+example ids of the micro-batch — under torchrun on every rank at once, with the same message.
 """
 import math
 
 import torch
 
 from minirlhf.errors import TrainingDiverged
+from minirlhf.train.distributed import all_reduce_sum, gather_objects, rank, world_size
+from minirlhf.train.parallel import whole_tensor
 
 
 def make_optimizer(params, lr, weight_decay=0.0):
@@ -38,27 +40,38 @@ def make_scheduler(optimizer, total_steps, warmup_ratio=0.0, schedule="cosine"):
 
 
 class DivergenceGuard:
-    """Stops a run at the first NaN/inf, after saving the last good state.
+    """Stops a run at the first NaN/inf, after saving the last good state — every rank together.
 
-    ``save_last_good()`` is called before raising; the trainer passes a function that writes a
-    checkpoint of the current model/optimizer (the weights are still finite because the check
-    runs before ``optimizer.step``) and returns its path.
+    ``check`` notes the first non-finite value this rank sees (a micro-batch's loss, the gradient
+    norm). ``stop_if_diverged``, which ``optimizer_step`` calls on every rank before the weights
+    change, asks all ranks (one all-reduce); if any saw one, ``save_last_good()`` (a function
+    that writes a checkpoint of the still finite model/optimizer and returns its path) runs on
+    every rank and every rank raises ``TrainingDiverged`` with the same message: the first rank's
+    bad loss if there is one (its NaN also reached every rank's gradient norm), else its norm.
     """
 
     def __init__(self, save_last_good):
-        self.save_last_good = save_last_good
+        self.save_last_good, self.failure = save_last_good, None
 
     def check(self, value, what, step, example_ids):
-        """Raise ``TrainingDiverged`` if the scalar ``value`` is NaN or inf."""
+        """Note ``what`` (e.g. "the loss") if the scalar ``value`` is NaN or inf (the first only)."""
         value = float(value.detach()) if torch.is_tensor(value) else float(value)
-        if math.isfinite(value):
+        if math.isfinite(value) or self.failure is not None:
             return
+        where = f" on rank {rank()}" if world_size() > 1 else ""
+        self.failure = (what, f"{what} is {value}{where} at optimizer step {step} (0-based); batch example ids "
+                              f"{list(example_ids)}")
+
+    def stop_if_diverged(self):
+        """Raise ``TrainingDiverged`` on every rank, after saving the last good state, if any rank's
+        ``check`` failed."""
+        if not all_reduce_sum(float(self.failure is not None)):
+            return
+        failures = [f for f in gather_objects(self.failure) if f is not None]
+        _, message = min(failures, key=lambda failure: failure[0] != "the loss")  # first bad loss, else first
         path = self.save_last_good()
-        raise TrainingDiverged(
-            f"{what} is {value} at optimizer step {step} (0-based); batch example ids "
-            f"{list(example_ids)}. The last good state (before this step) is saved in {path}; "
-            f"inspect those examples, lower --lr, or continue with --resume."
-        )
+        raise TrainingDiverged(f"{message}. The last good state (before this step) is saved in {path}; "
+                               f"inspect those examples, lower --lr, or continue with --resume.")
 
 
 def backward_weighted(loss, metrics, weight, totals, *, guard, step, example_ids):
@@ -66,8 +79,8 @@ def backward_weighted(loss, metrics, weight, totals, *, guard, step, example_ids
     (``loss`` included) to ``totals``.
 
     Summed over the micro-batches of a step, the gradient is the one big batch's and ``totals``
-    holds the big-batch values of the metrics (for means). A non-finite loss stops the run
-    through ``guard`` before anything is backpropagated.
+    holds the big-batch values of the metrics (for means). A non-finite loss is noted by ``guard``,
+    which stops the run in ``optimizer_step``, before the weights change.
     """
     guard.check(loss, "the loss", step, example_ids)
     (loss * weight).backward()
@@ -79,12 +92,14 @@ def backward_weighted(loss, metrics, weight, totals, *, guard, step, example_ids
 def optimizer_step(model, optimizer, scheduler, max_grad_norm, *, guard, step, example_ids):
     """Clip the gradient norm, check it is finite, step optimizer and schedule, zero the grads.
 
-    Returns ``{"grad_norm": ‖g‖ before clipping, "lr": learning rate used}``.
+    The gradient norm is the whole model's (under FSDP, over every rank's shard). Returns
+    ``{"grad_norm": ‖g‖ before clipping, "lr": learning rate used}``.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     clip_to = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_to))
+    grad_norm = float(whole_tensor(torch.nn.utils.clip_grad_norm_(params, clip_to)))
     guard.check(grad_norm, "the gradient norm", step, example_ids)
+    guard.stop_if_diverged()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()

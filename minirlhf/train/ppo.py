@@ -41,9 +41,8 @@ import torch
 
 from minirlhf.core.gae import gae_advantages
 from minirlhf.core.kl import kl_shaped_rewards
-from minirlhf.core.masked import masked_mean, masked_sum, masked_whiten
+from minirlhf.core.masked import masked_mean, masked_sum
 from minirlhf.core.ppo_losses import ppo_policy_loss, ppo_value_loss
-from minirlhf.data.collate import collate_sft, to_device
 from minirlhf.data.datasets import load_sft_data
 from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
@@ -53,12 +52,15 @@ from minirlhf.models.sampling import generate_rollouts
 from minirlhf.models.value_model import ValueModel
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
 from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.batches import micro_batches, ptx_batch, response_tokens, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint, save_model,
 )
+from minirlhf.train.distributed import (data_parallel_weights, gathered, global_masked_whiten, mean_over_ranks,
+                                        per_rank, rank_share)
 from minirlhf.train.metrics import TrainingLog, average, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, full_state_dict, gradient_sync, load_full_state_dict
 from minirlhf.train.rewards import RewardModelReward, load_reward
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
@@ -167,13 +169,6 @@ def ppo_loss(policy, critic, batch, args):
     return loss, metrics
 
 
-def ptx_batch(examples, pad_id, n, device):
-    """``n`` random SFT examples for the ptx term, as ``ptx_``-prefixed tensors."""
-    rows = torch.randint(len(examples), (n,)).tolist()
-    batch = to_device(collate_sft([examples[i] for i in rows], pad_id), device)
-    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
-
-
 def train_ppo(args: PPOArgs):
     """Run PPO with ``args``; returns the saved policy directory (``<out>/final``, HF-loadable;
     the critic is saved next to it in ``<out>/critic``)."""
@@ -213,8 +208,10 @@ def train_ppo(args: PPOArgs):
         ptx = load_sft_data(args.ptx_data, args.ptx_template or "sft", tokenizer, args.max_len,
                             args.max_prompt_len, args.system_prompt)[0]
 
-    # 3. One optimizer over policy and critic, its schedule counted in optimizer steps; resume
-    #    state (a checkpoint also holds the critic and the KL coefficient β).
+    # 3. Data parallelism (each rank: its share of the prompts, then of every minibatch); one optimizer
+    #    over policy and critic, its schedule in optimizer steps; resume state (+ the critic and β).
+    dp_models = data_parallel(policy, args.fsdp, False), data_parallel(critic, args.fsdp, False)
+    rank_batch, rank_minibatch = per_rank(args.batch_size), per_rank(args.minibatch_size, "--minibatch-size")
     models = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(models.parameters(), args.lr, args.weight_decay)
     updates = args.ppo_epochs * args.batch_size // args.minibatch_size
@@ -223,12 +220,12 @@ def train_ppo(args: PPOArgs):
     if resume_from:
         state = load_training_state(resume_from, optimizer, scheduler)
         start, beta = state["step"], state["extra"]["beta"]
-        critic.load_state_dict(state["extra"]["critic"])
+        load_full_state_dict(critic, state["extra"]["critic"])
     last = last_step(args, args.steps)
 
     def save(done):
         return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler,
-                               {"critic": critic.state_dict(), "beta": beta})
+                               {"critic": full_state_dict(critic), "beta": beta})
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -243,47 +240,48 @@ def train_ppo(args: PPOArgs):
             guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Rollout; 4.3 score (proxy); 4.4 log-probs under π_old and π_ref, values.
             with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            temperature=args.temperature)
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
                 with torch.no_grad():
                     old_values = critic(rollout["input_ids"], rollout["attention_mask"])[:, :-1]
-            # 4.5 KL-shaped per-token rewards; GAE advantages, whitened over the batch.
+            # 4.5 KL-shaped per-token rewards; GAE advantages, whitened over the batch of all ranks.
             rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator)
             advantages, returns = gae_advantages(rewards, old_values, mask, args.gamma, args.lam)
             data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
             data.update(old_logprobs=old_logprobs, old_values=old_values, returns=returns,
-                        advantages=masked_whiten(advantages, mask))
+                        advantages=global_masked_whiten(advantages, mask))
             # 4.6 PPO epochs over shuffled minibatches; micro-batches weighted by response tokens.
             update_metrics = []
             for _ in range(args.ppo_epochs):
-                order = torch.randperm(args.batch_size).tolist()
-                for first in range(0, args.batch_size, args.minibatch_size):
-                    rows = order[first : first + args.minibatch_size]
+                order = torch.randperm(rank_batch).tolist()
+                for first in range(0, rank_batch, rank_minibatch):
+                    rows = order[first : first + rank_minibatch]
                     micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
                     if ptx is not None:  # InstructGPT's ptx term: random SFT examples beside each micro-batch
                         for part, batch in micro:
                             batch.update(ptx_batch(ptx, tokenizer.pad_token_id, len(part), device))
-                    weights = accumulation_weights([response_tokens(batch) for _, batch in micro])
+                    weights = data_parallel_weights([response_tokens(batch) for _, batch in micro])
                     metrics = {}
-                    for (ids, batch), weight in zip(micro, weights):
-                        with autocast(device):
-                            loss, loss_metrics = ppo_loss(policy, critic, batch, args)
-                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+                    for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                        with gradient_sync(dp_models, last=k == len(micro) - 1):  # ranks average gradients once
+                            with autocast(device):
+                                loss, loss_metrics = ppo_loss(*dp_models, batch, args)
+                            backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
                     metrics.update(optimizer_step(models, optimizer, scheduler, args.max_grad_norm,
                                                   guard=guard, step=iteration, example_ids=rows))
                     update_metrics.append(metrics)
-            # 4.7 Adapt β to the measured KL per response; log.
-            sequence_kl = float(masked_sum(kl, mask) / len(scores))
+            # 4.7 Adapt β to the measured KL per response (of all ranks: β stays the same on each); log.
+            sequence_kl = mean_over_ranks(float(masked_sum(kl, mask) / len(scores)))
             if args.adaptive_kl:
                 beta = adapt_kl_coef(beta, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
             metrics = {**average(update_metrics), "reward": float(scores.mean()), "kl": sequence_kl,
                        "shaped_reward": float(masked_sum(rewards, mask) / len(scores)), "beta": beta,
                        **response_metrics(rollout)}
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     if last == args.steps:
         save_model(critic, tokenizer, Path(args.out) / "critic")

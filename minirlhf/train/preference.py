@@ -10,6 +10,7 @@ their implicit-reward metrics.
 - **Implicit rewards.** β·(log π(y|x) − log π_ref(y|x)) of the chosen and the rejected response:
   their accuracy (ties ½) and margin are what to watch, with both summed log-probs.
 """
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from minirlhf.data.atomic import atomic_file
 from minirlhf.data.collate import collate_preference, collate_sft, to_device
 from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy
+from minirlhf.train.distributed import gathered, is_main, rank_range
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast
 
 # The toy world's ~1M-parameter SFT policy, for DPO and KTO alike (applied to the fields not set
@@ -47,20 +49,22 @@ def pair_rows(examples):
 @torch.no_grad()
 def reference_logps(model, rows, pad_id, batch_size, device):
     """Summed log π_ref(y|x) of ``rows`` (dicts with ``input_ids``/``response_mask`` lists), ``[N]``
-    float32 on the CPU: computed once, before training."""
+    float32 on the CPU: computed once, before training. Under torchrun each rank computes its part
+    of the batches and every rank receives all of them."""
     model.eval()
     out = []
-    for start in range(0, len(rows), batch_size):
-        batch = to_device(collate_sft(rows[start : start + batch_size], pad_id), device)
+    for k in rank_range(math.ceil(len(rows) / batch_size)):
+        batch = to_device(collate_sft(rows[k * batch_size : (k + 1) * batch_size], pad_id), device)
         with autocast(device):
             out.append(sequence_logps(model, batch)[0].float().cpu())
+    out = gathered(out)
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def cached_reference_logps(args, resume_from, rows, pad_id, device):
     """``{split: log π_ref [N]}`` for the ``rows`` of each split: read back from
     ``<out>/reference_logps.pt`` when resuming, else computed with π_ref (``args.ref_model`` or
-    ``args.model``, freed afterwards) and saved there atomically."""
+    ``args.model``, freed afterwards) and saved there atomically (by rank 0)."""
     cache = Path(args.out) / "reference_logps.pt"
     if resume_from and cache.exists():
         return torch.load(cache)
@@ -68,8 +72,9 @@ def cached_reference_logps(args, resume_from, rows, pad_id, device):
     ref = {split: reference_logps(reference, split_rows, pad_id, args.batch_size, device)
            for split, split_rows in rows.items()}
     del reference
-    with atomic_file(cache, "wb") as f:
-        torch.save(ref, f)
+    if is_main():
+        with atomic_file(cache, "wb") as f:
+            torch.save(ref, f)
     return ref
 
 

@@ -36,12 +36,14 @@ from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
 from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.batches import micro_batches, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, gathered, rank_share
 from minirlhf.train.metrics import TrainingLog, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
@@ -105,7 +107,9 @@ def train_rloo(args: RLOOArgs):
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (one step per iteration); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts. Optimizer and schedule (one step per iteration); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
     start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
@@ -123,8 +127,8 @@ def train_rloo(args: RLOOArgs):
             guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
             # 4.2 Rollout; reward; log-probs under π_old and π_ref.
             with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=args.group_size, temperature=args.temperature)
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=args.group_size, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
@@ -133,15 +137,17 @@ def train_rloo(args: RLOOArgs):
             advantages = rloo_advantages(scores - args.beta * sequence_kl, args.group_size)
             data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
             data["advantages"] = advantages
-            # 4.4 One REINFORCE step; micro-batches weigh by their share of the rows (a mean over rows).
+            # 4.4 One REINFORCE step; micro-batches weigh by their share of the rows of all ranks (a mean
+            #     over rows).
             rows = list(range(len(scores)))
             micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
-            weights = accumulation_weights([len(part) for part, _ in micro])
+            weights = data_parallel_weights([len(part) for part, _ in micro])
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = reinforce_loss(policy, batch, args)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with autocast(device):
+                        loss, loss_metrics = reinforce_loss(dp_policy, batch, args)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
             metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
                                           guard=guard, step=iteration, example_ids=rows))
             # 4.5 Log.
@@ -152,7 +158,7 @@ def train_rloo(args: RLOOArgs):
                 **response_metrics(rollout),
             })
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

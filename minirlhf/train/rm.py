@@ -32,12 +32,14 @@ from minirlhf.errors import MinirlhfError
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
 
@@ -182,7 +184,9 @@ def train_rm(args: RMArgs):
     else:  # a held-out slice of --data, fixed by the seed
         train_examples, eval_examples = hold_out(train_examples, args.eval_fraction, args.seed)
 
-    # 3. Optimizer, schedule, deterministic batch order; resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `model` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_model = data_parallel(model, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
@@ -202,21 +206,23 @@ def train_rm(args: RMArgs):
             # 4.2 Stop.
             if step == last:
                 break
-            # 4.3 Forward/backward: micro-batches weighted by their share of the pairs (rankings).
+            # 4.3 Forward/backward: this rank's share of the batch, in micro-batches weighted by their
+            #     share of the batch's pairs (rankings), counted over all ranks.
             model.train()
             indices = schedule.batch(step)
             micro = [(ids, to_device(collate([train_examples[i] for i in ids], pad_id), device))
-                     for ids in micro_batches(indices, args.micro_batch_size)]
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
+                     for ids in micro_batches(rank_share(indices), args.micro_batch_size)]
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
             guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    if kwise:
-                        loss, loss_metrics = kwise_rm_loss(model, batch)
-                    else:
-                        loss, loss_metrics = pairwise_rm_loss(model, batch, args.margin, args.center_coef)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_model, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with autocast(device):
+                        if kwise:
+                            loss, loss_metrics = kwise_rm_loss(dp_model, batch)
+                        else:
+                            loss, loss_metrics = pairwise_rm_loss(dp_model, batch, args.margin, args.center_coef)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
             metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm,
                                           guard=guard, step=step, example_ids=indices))
             # 4.4 Log.

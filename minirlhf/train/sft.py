@@ -13,11 +13,14 @@ The loop has the four steps of every offline trainer (SFT, RM, DPO, KTO), in nan
    steps and at the end.
 2. **Stop** after the last step (``--stop-at-step`` stops early; ``--resume`` continues).
 3. **Forward/backward.** The batch of step ``s`` is a function of ``(seed, s)``; it is split into
-   micro-batches whose weighted gradients add up to the whole batch's; then one AdamW step.
+   micro-batches whose weighted gradients add up to the whole batch's; then one AdamW step. Under
+   torchrun each rank takes an equal share of the batch and the weights count every rank's tokens
+   (``train/distributed.py``): N processes take the step one process would.
 4. **Log** loss, gradient norm and learning rate (CSV, TensorBoard, progress bar).
 
     python -m minirlhf sft                         # the toy world's base model and SFT corpus
     python -m minirlhf sft --model Qwen/Qwen2.5-0.5B --data sft.jsonl --template sft --lr 1e-5
+    torchrun --standalone --nproc_per_node 4 -m minirlhf sft ...      # the same run on 4 GPUs
 
 From Python: ``train_sft(SFTArgs(model=..., data=..., out=...))`` returns the saved model directory.
 """
@@ -35,12 +38,14 @@ from minirlhf.models.forward import response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.toy.world import load_world
 from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens
+from minirlhf.train.batches import micro_batches, response_tokens
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 
 # The toy world's SFT policy: a ~1M-parameter model trained from scratch (a high learning rate,
@@ -111,7 +116,9 @@ def train_sft(args: SFTArgs):
     eval_examples = load_sft_data(args.eval_data, **data_kwargs)[0] if args.eval_data else []
     print(report, file=sys.stderr)
 
-    # 3. Optimizer, learning-rate schedule and the deterministic batch order; resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `model` itself in one process), optimizer,
+    #    learning-rate schedule and the deterministic batch order; resume state.
+    dp_model = data_parallel(model, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
@@ -129,18 +136,20 @@ def train_sft(args: SFTArgs):
             # 4.2 Stop.
             if step == last:
                 break
-            # 4.3 Forward/backward: micro-batches weighted by their share of the response tokens.
+            # 4.3 Forward/backward: this rank's share of the batch, in micro-batches weighted by their
+            #     share of the batch's response tokens (counted over all ranks).
             model.train()
             indices = schedule.batch(step)
             micro = [(ids, to_device(collate_sft([train_examples[i] for i in ids], pad_id), device))
-                     for ids in micro_batches(indices, args.micro_batch_size)]
-            weights = accumulation_weights([response_tokens(batch) for _, batch in micro])
+                     for ids in micro_batches(rank_share(indices), args.micro_batch_size)]
+            weights = data_parallel_weights([response_tokens(batch) for _, batch in micro])
             guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = sft_loss(model, batch)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_model, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with autocast(device):
+                        loss, loss_metrics = sft_loss(dp_model, batch)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
             metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm,
                                           guard=guard, step=step, example_ids=indices))
             # 4.4 Log.
