@@ -4,7 +4,8 @@ A batch of ``B`` examples is split into micro-batches; micro-batch ``k`` contrib
 ``w_k ∇L_k`` with ``w_k = n_k / Σ_j n_j``, where ``n_k`` counts what ``L_k`` averages over
 (examples for per-example means, tokens for token means). Then ``Σ_k w_k ∇L_k = ∇L_big``
 exactly (up to float rounding), whatever the split: the step does not depend on
-``--micro-batch-size``, only the memory does.
+``--micro-batch-size``, only the memory does. Under torchrun the sum runs over every rank's
+micro-batches (``distributed.data_parallel_weights``).
 """
 import torch
 
