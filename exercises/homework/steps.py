@@ -23,7 +23,7 @@ from minirlhf.core.grpo import group_advantages, grpo_loss
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.data.collate import collate_preference
 from minirlhf.models.forward import response_logprobs
-from minirlhf.train.rollout import generate_rollouts  # the sampler: imported here only
+from minirlhf.models.sampling import generate_rollouts
 
 
 def pair_reference_logps(reference, examples, pad_id):
