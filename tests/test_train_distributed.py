@@ -165,6 +165,7 @@ def test_two_processes_train_what_one_process_trains(algo, two_ranks, toy, tmp_p
     one, two = TRAIN[type(args)](args), latest_checkpoint(two_ranks / algo)
     load = (lambda p: RewardModel.from_pretrained(p).state_dict()) if algo == "rm" else policy_weights
     difference = max_difference(load(one), load(two))
+    print(f"{algo}: 2 processes vs 1, max |Δweight| = {difference:.1e}")
     assert difference <= 1e-5, f"{algo}: weights differ by {difference:.2e}"
     rows_one, rows_two = read_metrics(args.out), read_metrics(two_ranks / algo)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] and len(rows_one) >= 2
@@ -178,6 +179,7 @@ def test_fsdp_reward_model_trains_what_one_process_trains(two_ranks, toy, tmp_pa
     one = train_rm(offline_args(toy, tmp_path, "rm"))
     two = latest_checkpoint(two_ranks / "fsdp" / "rm")
     difference = max_difference(RewardModel.from_pretrained(one).state_dict(), RewardModel.from_pretrained(two).state_dict())
+    print(f"rm (FSDP): 2 processes vs 1, max |Δweight| = {difference:.1e}")
     assert difference <= 1e-5, difference
 
 
@@ -205,6 +207,7 @@ def test_fsdp_checkpoint_loads_and_resumes_on_one_process(two_ranks, toy, tmp_pa
     resumed = offline_args(toy, tmp_path, "sft")
     resumed.out, resumed.resume = str(tmp_path / "resumed"), True
     difference = max_difference(policy_weights(one), policy_weights(train_sft(resumed)))
+    print(f"sft (FSDP, resumed on 1 process): max |Δweight| = {difference:.1e}")
     assert difference <= 1e-5, difference
 
 
@@ -236,6 +239,7 @@ def test_global_whitening_is_the_whitening_of_the_concatenated_batch(two_ranks):
     parts = torch.load(two_ranks / "whiten-0.pt")
     x, mask, whitened = (torch.cat([part[i] for part in parts]) for i in range(3))
     assert x.shape == (7, 5)
+    print(f"whitening: max |Δ| = {float((whitened - masked_whiten(x, mask)).abs().max()):.1e}")
     torch.testing.assert_close(whitened, masked_whiten(x, mask), rtol=1e-6, atol=1e-6)
     assert torch.equal(torch.load(two_ranks / "whiten-1.pt")[1][2], parts[1][2])
 

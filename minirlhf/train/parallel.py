@@ -66,6 +66,13 @@ def whole_tensor(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _to_main(tensor):
+    """``whole_tensor`` on the CPU of rank 0 (None elsewhere): one tensor at a time, so no rank ever
+    holds a whole model's state."""
+    whole = whole_tensor(tensor.detach())
+    return whole.cpu() if is_main() else None
+
+
 def full_state_dict(module):
     """``module.state_dict()`` with whole tensors. Under FSDP every rank takes part in gathering the
     shards, one tensor at a time, and rank 0 receives them on the CPU (the others an empty dict);
@@ -75,8 +82,7 @@ def full_state_dict(module):
     gathered, whole = {}, {}  # gathered: id(parameter) -> whole tensor, so a tied weight is gathered once
     for name, param in module.state_dict(keep_vars=True).items():
         if id(param) not in gathered:
-            tensor = whole_tensor(param.detach())
-            gathered[id(param)] = tensor.cpu() if is_main() else None
+            gathered[id(param)] = _to_main(param)
         whole[name] = gathered[id(param)]
     return whole if is_main() else {}
 
@@ -86,7 +92,7 @@ def full_optimizer_state(optimizer):
     state = optimizer.state_dict()
     if not any(isinstance(v, DTensor) for moments in state["state"].values() for v in moments.values()):
         return state
-    moments = {i: {k: whole_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    moments = {i: {k: _to_main(v) for k, v in s.items()} for i, s in state["state"].items()}
     return {"state": moments, "param_groups": state["param_groups"]} if is_main() else {}
 
 
