@@ -12,12 +12,15 @@ runs in the test process:
   resumes on one process to the one-process run's weights; a sharded reward model trains what one
   process trains; PPO saves and resumes its sharded policy and critic;
 - PPO (DDP) and GRPO (FSDP2) write one metrics file and one checkpoint, resume exactly on two
-  processes, and resume on one process from a two-process checkpoint; online DPO runs;
+  processes, and resume on one process from a two-process checkpoint; online DPO runs, also when
+  one rank's judge labels no pair (that rank joins every step with a weight-0 pair);
 - the global whitening equals one process's whitening of the concatenated batch;
 - the divergence guard stops both ranks with the same message; a batch without equal shares is a
   clear error;
 - RLOO through the real command line: ``torchrun --standalone --nproc_per_node 2 -m minirlhf``.
 """
+import json
+import math
 import os
 import shutil
 import socket
@@ -36,12 +39,13 @@ from minirlhf.models.reward_model import RewardModel
 from minirlhf.models.value_model import ValueModel
 from minirlhf.train import sft as sft_module
 from minirlhf.train.checkpoints import latest_checkpoint
-from minirlhf.train.distributed import gather_objects, global_masked_whiten, rank
+from minirlhf.train.distributed import data_parallel_weights, gather_objects, global_masked_whiten, pad_micro_batches, rank
 from minirlhf.train.dpo import DPOArgs, train_dpo
 from minirlhf.train.grpo import GRPOArgs, train_grpo
 from minirlhf.train.metrics import read_metrics
 from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo
 from minirlhf.train.ppo import PPOArgs, train_ppo
+from minirlhf.train.rewards import register_reward
 from minirlhf.train.rm import RMArgs, train_rm
 from minirlhf.train.sft import SFTArgs, train_sft
 
@@ -57,9 +61,9 @@ def offline_args(toy, out, algo):
     return {
         "sft": lambda: SFTArgs(data=str(data.sft_train), batch_size=10, micro_batch_size=3, epochs=1, lr=5e-3, **common),
         "rm": lambda: RMArgs(data=str(data.pref_train), eval_data=str(data.pref_test), batch_size=6, micro_batch_size=2,
-                             stop_at_step=3, lr=3e-3, **common),
+                             stop_at_step=3, eval_every=2, lr=3e-3, **common),
         "dpo": lambda: DPOArgs(data=str(data.pref_train), eval_data=str(data.pref_test), batch_size=6,
-                               micro_batch_size=2, stop_at_step=3, lr=1e-3, beta=0.5, **common),
+                               micro_batch_size=2, stop_at_step=3, eval_every=2, lr=1e-3, beta=0.5, **common),
         "kto": lambda: DPOArgs(data=str(data.kto_train), template="kto", loss="kto", batch_size=8, micro_batch_size=3,
                                stop_at_step=2, lr=1e-2, **common),
     }[algo]()
@@ -106,6 +110,16 @@ def two_process_runs(toy, out):
     train_ppo(online_args(toy, out / "ppo-fsdp", "ppo", fsdp=True, resume=True))
     train_online_dpo(OnlineDPOArgs(model=toy["model"], data=str(toy["data"].prompts), out=str(out / "online-dpo"),
                                    steps=2, batch_size=4, micro_batch_size=1, **ONLINE))
+    # Online DPO where rank 1's judge ties every pair: rank 1 joins each step with a weight-0 pair
+    # (FSDP: its all-gathers must pair up with rank 0's).
+    register_reward("ties_on_rank_1")(lambda prompts, responses, answers: [
+        0.0 if rank() == 1 else float(i) for i in range(len(responses))])
+    train_online_dpo(OnlineDPOArgs(model=toy["model"], data=str(toy["data"].prompts), out=str(out / "online-dpo-ties"),
+                                   steps=2, batch_size=4, micro_batch_size=1, fsdp=True,
+                                   **{**ONLINE, "reward": "ties_on_rank_1"}))
+    micro = pad_micro_batches([([1], "a"), ([2, 3], "b")] if rank() == 0 else [], ([], "placeholder"))
+    (out / f"padded-{rank()}.json").write_text(json.dumps([[ids for ids, _ in micro],
+                                                           data_parallel_weights([len(ids) for ids, _ in micro])]))
     try:  # a batch of 5 has no equal shares
         train_sft(SFTArgs(model=toy["model"], data=str(toy["data"].sft_train), out=str(out / "uneven"), batch_size=5,
                           **FAST))
@@ -167,12 +181,14 @@ def test_two_processes_train_what_one_process_trains(algo, two_ranks, toy, tmp_p
     difference = max_difference(load(one), load(two))
     print(f"{algo}: 2 processes vs 1, max |Δweight| = {difference:.1e}")
     assert difference <= 1e-5, f"{algo}: weights differ by {difference:.2e}"
-    rows_one, rows_two = read_metrics(args.out), read_metrics(two_ranks / algo)
-    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] and len(rows_one) >= 2
-    for a, b in zip(rows_one, rows_two):
-        for name in ("loss", "accuracy", "grad_norm"):
-            if name in a:
-                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (algo, name)
+    splits = ["train", "eval"] if algo in ("rm", "dpo") else ["train"]  # evaluated at steps 0 and 2
+    for split in splits:
+        rows_one, rows_two = read_metrics(args.out, split), read_metrics(two_ranks / algo, split)
+        assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] and len(rows_one) >= 2
+        for a, b in zip(rows_one, rows_two):
+            for name in ("loss", "accuracy", "grad_norm"):
+                if name in a:
+                    assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (algo, split, name)
 
 
 def test_fsdp_reward_model_trains_what_one_process_trains(two_ranks, toy, tmp_path):
@@ -233,6 +249,14 @@ def test_online_dpo_runs_on_two_processes(two_ranks):
     rows = read_metrics(two_ranks / "online-dpo")
     assert [r["step"] for r in rows] == [1, 2] and {"labelled_fraction", "kl", "gold"} <= set(rows[0])
     AutoModelForCausalLM.from_pretrained(two_ranks / "online-dpo" / "final")
+
+
+def test_a_rank_without_data_joins_with_weight_zero(two_ranks):
+    assert json.loads((two_ranks / "padded-0.json").read_text()) == [[[1], [2, 3]], [2 * 1 / 3, 2 * 2 / 3]]
+    assert json.loads((two_ranks / "padded-1.json").read_text()) == [[[], []], [0.0, 0.0]]
+    rows = read_metrics(two_ranks / "online-dpo-ties")  # rank 1 labelled nothing, rank 0 all its pairs
+    assert [r["step"] for r in rows] == [1, 2] and all(r["labelled_fraction"] == 0.5 for r in rows)
+    assert all(math.isfinite(v) for r in rows for v in r.values()) and "judge_margin" in rows[0]
 
 
 def test_global_whitening_is_the_whitening_of_the_concatenated_batch(two_ranks):
