@@ -60,35 +60,6 @@ MIN_MFU = 0.35
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def make_pairs(num_pairs, prompt_len, response_len, config, seed=0):
-    """Random preference pairs shaped like the collators' input: prompt lengths uniform in
-    ``[prompt_len/2, prompt_len]``, each response in ``[response_len/2, response_len]`` ending in EOS."""
-    generator = torch.Generator().manual_seed(seed)
-    eos, pad = config.eos_token_id, config.pad_token_id
-
-    def tokens(low, high):
-        n = int(torch.randint(low, high + 1, (), generator=generator))
-        ids = torch.randint(0, config.vocab_size, (n,), generator=generator)
-        ids[(ids == eos) | (ids == pad)] = 3  # no early stop token inside a text
-        return ids.tolist()
-
-    pairs = []
-    for _ in range(num_pairs):
-        prompt = tokens(prompt_len // 2, prompt_len)
-        example = {}
-        for side in ("chosen", "rejected"):
-            response = tokens(response_len // 2, response_len - 1) + [eos]
-            example[f"{side}_input_ids"] = prompt + response
-            example[f"{side}_response_mask"] = [0] * len(prompt) + [1] * len(response)
-        pairs.append(example)
-    return pairs
-
-
-# ---------------------------------------------------------------------------------------------
 # The two steps
 # ---------------------------------------------------------------------------------------------
 
@@ -163,7 +134,7 @@ def measure_memory(args, variant):
     """Worker (fresh process): peak memory of ``variant``'s training state and of one step."""
     device = torch.device(args.device)
     config = common.model_config(args.shape)
-    pairs = make_pairs(args.pairs, args.prompt_len, args.response_len, config)
+    pairs = common.make_pairs(args.pairs, args.prompt_len, args.response_len, config)
     memory = common.PeakMemory(device).start()
     policy = common.build_model(args.shape, device, seed=1).train()
     reference = common.build_model(args.shape, device, seed=0).eval().requires_grad_(False)
@@ -196,7 +167,7 @@ def measure_time(args):
     """Both steps, alternately, in this process; the first-step losses must agree."""
     device = torch.device(args.device)
     config = common.model_config(args.shape)
-    pairs = make_pairs(args.pairs, args.prompt_len, args.response_len, config)
+    pairs = common.make_pairs(args.pairs, args.prompt_len, args.response_len, config)
     reference = common.build_model(args.shape, device, seed=0).eval().requires_grad_(False)
     start_policy = common.build_model(args.shape, device, seed=1).train()
     policies = {v: copy.deepcopy(start_policy) for v in VARIANTS}

@@ -48,6 +48,10 @@ def model_config(shape):
       trains.
     - ``"qwen2.5-0.5b"`` (GPU): Qwen2.5-0.5B's published shape: hidden 896, 24 layers, 14/2
       heads, MLP 4,864, vocabulary 151,936, tied embeddings (494M parameters).
+    - ``"qwen-width-2l"`` (CPU): the same width and vocabulary with 2 layers (166M parameters, 82%
+      of them the embedding): the LM head and its logits dominate, as they do per token at 0.5B.
+    - ``"tiny-qwen-vocab"`` (CPU): ``tiny`` with 4 layers and Qwen's 151,936-token vocabulary
+      (the model of the comparison with TRL).
     """
     from transformers import Qwen2Config
 
@@ -57,6 +61,8 @@ def model_config(shape):
         "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                              num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
     }
+    shapes["qwen-width-2l"] = dict(shapes["qwen2.5-0.5b"], num_hidden_layers=2)
+    shapes["tiny-qwen-vocab"] = dict(shapes["tiny"], num_hidden_layers=4, vocab_size=151936)
     if shape == "toy":
         from minirlhf.toy.model import toy_config
         from minirlhf.toy.tokenizer import build_toy_tokenizer
@@ -86,6 +92,93 @@ def num_parameters(model):
 
 def default_shape(device):
     return "qwen2.5-0.5b" if torch.device(device).type == "cuda" else "tiny"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def make_pairs(num_pairs, prompt_len, response_len, config, seed=0):
+    """Random preference pairs shaped like the collators' input: prompt lengths uniform in
+    ``[prompt_len/2, prompt_len]``, each response in ``[response_len/2, response_len]`` ending in EOS."""
+    generator = torch.Generator().manual_seed(seed)
+    eos, pad = config.eos_token_id, config.pad_token_id
+
+    def tokens(low, high):
+        n = int(torch.randint(low, high + 1, (), generator=generator))
+        ids = torch.randint(0, config.vocab_size, (n,), generator=generator)
+        ids[(ids == eos) | (ids == pad)] = 3  # no early stop token inside a text
+        return ids.tolist()
+
+    pairs = []
+    for _ in range(num_pairs):
+        prompt = tokens(prompt_len // 2, prompt_len)
+        example = {}
+        for side in ("chosen", "rejected"):
+            response = tokens(response_len // 2, response_len - 1) + [eos]
+            example[f"{side}_input_ids"] = prompt + response
+            example[f"{side}_response_mask"] = [0] * len(prompt) + [1] * len(response)
+        pairs.append(example)
+    return pairs
+
+
+def word_tokenizer(num_words=2000):
+    """A byte-level BPE tokenizer in which each of ``num_words`` three-letter words (``aaa``, ``aab``,
+    …, over the letters a–m) is one token when a space precedes it; pad ``<pad>`` = 0, eos
+    ``<eos>`` = 1, no chat template. Built from a vocabulary and merges (no training), and in the
+    format ``AutoTokenizer`` loads as ``Qwen2Tokenizer`` beside a Qwen2 config with the same ids.
+    Returns ``(tokenizer, words)``."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["".join(letters) for letters in itertools.product("abcdefghijklm", repeat=3)][:num_words]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>"] + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in words:  # "Ġ" + "a" -> "Ġa", "Ġa" + "b" -> "Ġab", ...: every prefix is a token
+        prefix = "Ġ"
+        for letter in word:
+            if prefix + letter not in vocab:
+                vocab[prefix + letter] = len(vocab)
+                merges.append((prefix, letter))
+            prefix += letter
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        model_max_length=4096)
+    return tokenizer, words
+
+
+def write_word_setup(directory, shape, pairs=0, eval_pairs=0, prompts=0, words=60, dtype=None, seed=0, device="cpu"):
+    """A training setup of random words in ``directory``, for runs through the trainers' public API.
+
+    ``model/``: a random ``Qwen2ForCausalLM`` of ``shape`` (initialised on ``device``, saved with
+    ``save_pretrained`` in ``dtype`` if given) with ``word_tokenizer()`` beside it. ``pairs.jsonl`` / ``eval_pairs.jsonl``: TRL's
+    standard preference format (``prompt``, ``chosen``, ``rejected``, ``words`` words each, about
+    one token per word); ``prompts.jsonl``: ``prompt`` + ``answer`` records. Returns the directory.
+    """
+    import random
+    from pathlib import Path
+
+    directory = Path(directory)
+    tokenizer, vocabulary = word_tokenizer()
+    model = build_model(shape, device, seed=seed)
+    model.to(dtype or model.dtype).save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    rng = random.Random(seed)
+
+    def text():
+        return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+    files = {"pairs.jsonl": [{"prompt": text(), "chosen": text(), "rejected": text()} for _ in range(pairs)],
+             "eval_pairs.jsonl": [{"prompt": text(), "chosen": text(), "rejected": text()} for _ in range(eval_pairs)],
+             "prompts.jsonl": [{"prompt": text(), "answer": str(rng.randrange(100))} for _ in range(prompts)]}
+    for name, records in files.items():
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +290,19 @@ def mfu(flops, seconds, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_worker(script, argv):
-    """Run ``python script argv`` (a worker mode that prints one JSON line last) and parse it."""
-    done = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True)
+# glibc's malloc moves its mmap threshold up to the size of the largest block freed so far, so
+# tensors of a few MiB end up in the heap, where freed ones stay resident or fragment it: the peak
+# RSS of the same step then drifts by hundreds of MiB from run to run. A fixed threshold maps every
+# tensor above 64 KiB on its own and unmaps it when freed, so RSS follows the live tensors, as
+# ``torch.cuda.max_memory_allocated`` does on a GPU.
+TENSOR_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
+
+
+def run_worker(script, argv, env=None):
+    """Run ``python script argv`` (a worker mode that prints one JSON line last) and parse it.
+    ``env``: extra environment variables for the worker (e.g. ``TENSOR_RSS_ENV``)."""
+    done = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         raise SystemExit(f"worker {' '.join(argv)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ from minirlhf.core.logprobs import (
     sequence_logprobs,
     shift_for_next_token,
 )
+from minirlhf.core.fused_logprobs import fused_head_logprobs
 from minirlhf.core.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from minirlhf.core.aggregation import aggregate_token_losses
 from minirlhf.core.reward_losses import (
@@ -36,6 +37,7 @@ from minirlhf.core.calibration import expected_calibration_error, reliability_bi
 __all__ = [
     "entropy_from_logits",
     "gather_logprobs",
+    "fused_head_logprobs",
     "sequence_logprobs",
     "shift_for_next_token",
     "bradley_terry_loss",

@@ -39,6 +39,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(f"exercise_{marker.args[0]}")
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_check.py runs these when one is lent)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def impl(request):
     """The implementation under test (see minirlhf/homework/impl.py)."""

@@ -9,10 +9,16 @@ all start here). Two details make it correct and cheap:
   tensor of a step (V = 151,936 for Qwen); a prompt of 200 tokens and a response of 50 need only
   the last ~50 columns, so we ask the model for ``logits_to_keep`` columns and pad the log-probs
   back to ``[B, T]`` so they stay aligned with the labels ``input_ids[:, 1:]``.
+
+``fused_response_logprobs`` goes further: no logits tensor at all. It runs the model's backbone,
+keeps the hidden states of the response positions only, and sends them through the LM head and
+the log-softmax in chunks (``minirlhf/core/fused_logprobs.py``): the memory of a training step's
+head no longer grows with the number of tokens.
 """
 import torch
 import torch.nn.functional as F
 
+from minirlhf.core.fused_logprobs import fused_head_logprobs
 from minirlhf.core.logprobs import entropy_from_logits, gather_logprobs, shift_for_next_token
 
 
@@ -69,6 +75,44 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     if return_entropy:
         return token_logprobs, mask, F.pad(entropy_from_logits(logits), (start, 0))
     return token_logprobs, mask
+
+
+def fused_response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):
+    """``response_logprobs`` without a logits tensor: the LM head fused with the log-softmax.
+
+    Same arguments and returns as ``response_logprobs`` (``(token_logprobs, mask)`` or
+    ``(token_logprobs, mask, entropy)``, all ``[B, T]``, float32), and the same values and gradients
+    at the response labels (``mask = 1``); every other position holds 0. How:
+
+    1. the backbone (``model.base_model``: the transformer without its head) gives the final hidden
+       states ``[B, L, D]``, with mask-derived ``position_ids`` as always;
+    2. the ``N`` positions that predict a response label (``hidden[:, :-1][mask]``, ``[N, D]``) and
+       their labels (``input_ids[:, 1:][mask]``, ``[N]``) are picked out;
+    3. ``fused_head_logprobs`` computes their log-probs chunk by chunk from the head's weight (tied
+       or not) and scatters them back to ``[B, T]``.
+
+    The model's output embedding must be a plain ``nn.Linear`` whose logits are used as they are
+    (Qwen2, Llama, Mistral, GPT-2, ...); models that post-process logits (soft-capping) are refused.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"fused_response_logprobs: needs a plain nn.Linear LM head with unmodified logits; "
+                         f"{type(model).__name__} has {type(head).__name__}")
+    output = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_attention_mask(attention_mask),
+        use_cache=False,
+    )
+    mask = response_mask[:, 1:]
+    rows = mask.bool()
+    hidden = output.last_hidden_state[:, :-1][rows]  # [N, D]: the positions that predict a response label
+    out = fused_head_logprobs(hidden, head.weight, input_ids[:, 1:][rows], head.bias, temperature, return_entropy)
+    out = out if return_entropy else (out,)
+    per_token = [torch.zeros(rows.shape, dtype=x.dtype, device=x.device).masked_scatter(rows, x) for x in out]
+    if return_entropy:
+        return per_token[0], mask, per_token[1]
+    return per_token[0], mask
 
 
 @torch.no_grad()

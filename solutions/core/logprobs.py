@@ -20,17 +20,20 @@ logits (see ``benchmarks/bench_logprobs.py``).
 Masking is the caller's job: every position gets a value, and ``mask`` decides which count.
 Labels must be real token ids (no ``-100`` "ignore index").
 """
+import math
+
 import torch
 
 from minirlhf.core.shapes import ShapeError, check_shapes
 
-# One float32 chunk may take this fraction of the logits' bytes. A chunk holds at most three
-# chunk-sized float32 temporaries (for bf16 logits: the upcast copy, z − max and its exp), so the
-# peak extra memory stays below 3/64 ≈ 0.05 of the logits, leaving room for allocator slack
-# (glibc keeps a freed chunk or two resident) under the 0.15 budget.
-_CHUNK_FRACTION = 1 / 64
-# ... but never smaller than this: small logits (the toy world's) go in one or a few chunks, so the
-# Python loop over chunks costs nothing there.
+# The logits go in this many chunks, twice as many for bf16/fp16 logits (their float32 chunk weighs
+# twice its share of their bytes). A chunk needs exactly one chunk-sized float32 temporary (``z − m``,
+# exponentiated in place), so the peak extra memory is ~1/12 ≈ 0.08 of the logits, under the 0.15
+# budget with room for allocator slack; and 12–24 chunks are a few large kernels each, so a GPU is
+# not launch-bound (a few hundred kernels per step where many small chunks would need thousands).
+_CHUNKS = 12
+# ... but a chunk is never smaller than this: small logits (the toy world's) go in one or a few
+# chunks, so the Python loop over chunks costs nothing there.
 _MIN_CHUNK_BYTES = 4 * 2**20
 
 
@@ -62,7 +65,7 @@ def shift_for_next_token(logits, input_ids, mask):
     return logits[:, :-1], input_ids[:, 1:], mask[:, 1:]
 
 
-def _chunk_logprobs(logits_chunk, labels_chunk):
+def _chunk_logprobs(logits_chunk, labels_chunk, out=None):
     """The forward formula of ``gather_logprobs`` for one chunk of positions: the log-sum-exp trick.
 
     With ``m = max_j z_j`` and ``s = log Σ_j exp(z_j − m)``::
@@ -72,14 +75,17 @@ def _chunk_logprobs(logits_chunk, labels_chunk):
     Subtracting the max first keeps every ``exp`` in (0, 1]: no overflow for huge logits, and
     ``z_y − m`` stays exact where ``z_y − logsumexp(z)`` would round ``logsumexp`` away.
 
-    Args: ``logits_chunk`` ``[..., V]`` (already float32 or float64), ``labels_chunk`` ``[...]``
-    long. Returns ``(logprobs, m, s)``, each ``[...]``; backward rebuilds the softmax from ``m, s``.
+    Args: ``logits_chunk`` ``[..., V]`` in any float dtype, ``labels_chunk`` ``[...]`` long, ``out``
+    None or a scratch buffer of the chunk's shape in the compute dtype (``_compute_dtype``: float32
+    for bf16/fp16/float32 logits), which the caller reuses for every chunk. Returns
+    ``(logprobs, m, s)``, each ``[...]`` in the compute dtype; backward rebuilds the softmax from them.
 
-    Hint: ``amax``, then ``exp`` and ``sum`` of the shifted logits; ``gather`` picks ``z_y``.
+    Hint: ``amax`` in the compute dtype; ``_shifted_chunk`` writes ``z − m`` into ``out`` (``exp_``
+    and ``sum`` it in place); ``gather`` picks ``z_y``.
     """
-    max_logit = logits_chunk.amax(dim=-1)
-    log_sum = (logits_chunk - max_logit.unsqueeze(-1)).exp_().sum(dim=-1).log_()
-    label_logit = logits_chunk.gather(-1, labels_chunk.unsqueeze(-1)).squeeze(-1)
+    max_logit = logits_chunk.amax(dim=-1).to(_compute_dtype(logits_chunk))
+    log_sum = _shifted_chunk(logits_chunk, max_logit, out).exp_().sum(dim=-1).log_()
+    label_logit = logits_chunk.gather(-1, labels_chunk.unsqueeze(-1)).squeeze(-1).to(max_logit.dtype)
     return (label_logit - max_logit) - log_sum, max_logit, log_sum
 
 
@@ -91,11 +97,11 @@ class _GatherLogprobs(torch.autograd.Function):
         compute_dtype = _compute_dtype(logits)
         logprobs = logits.new_empty(labels.shape, dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(logprobs), torch.empty_like(logprobs)
+        scratch = _scratch(logits, compute_dtype)
         for rows in _row_blocks(logits, compute_dtype):
-            # Upcast one chunk at a time: bf16 logits give float32-accurate log-probs.
-            logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(
-                logits[rows].to(compute_dtype), labels[rows]
-            )
+            # One float32 chunk at a time: bf16 logits give float32-accurate log-probs.
+            chunk = logits[rows]
+            logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(chunk, labels[rows], _view(scratch, chunk))
         ctx.save_for_backward(logits, labels, max_logit, log_sum)  # references, not copies
         return logprobs
 
@@ -103,26 +109,28 @@ class _GatherLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs):
         logits, labels, max_logit, log_sum = ctx.saved_tensors
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logits, scratch = _gradient_buffers(logits, log_sum.dtype)
         for rows in _row_blocks(logits, log_sum.dtype):
+            out = grad_logits[rows] if scratch is None else _view(scratch, logits[rows])
             _chunk_logprobs_backward(
-                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out=grad_logits[rows]
+                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out
             )
+            if scratch is not None:
+                grad_logits[rows] = out  # round to the logits' dtype
         return grad_logits, None
 
 
 def _chunk_logprobs_backward(logits_chunk, labels_chunk, max_logit, log_sum, grad_logprobs, out):
-    """Write ``g · (onehot(y) − softmax(z))`` into ``out``, the gradient of ``g · log softmax(z)_y``.
+    """Write ``g · (onehot(y) − softmax(z))``, the gradient of ``g · log softmax(z)_y``, into ``out``.
 
     ``d/dz_j [z_y − logsumexp(z)] = 1[j = y] − p_j``, with ``p_j = exp(z_j − m) · exp(−s)``
-    rebuilt from the forward's ``m`` and ``s``. A function of its own so that the chunk's
-    temporary dies before the next chunk allocates its own.
+    rebuilt from the forward's ``m`` and ``s``. ``out``: the chunk's shape, in ``max_logit``'s dtype
+    (it may be ``logits_chunk`` itself). Returns ``out``.
     """
     grad = _shifted_chunk(logits_chunk, max_logit, out).exp_()  # exp(z − m)
     g = grad_logprobs.to(grad.dtype).unsqueeze(-1)
     grad.mul_(-g * torch.exp(-log_sum).unsqueeze(-1))  # −g · p
-    grad.scatter_add_(-1, labels_chunk.unsqueeze(-1), g)  # + g at the label
-    out.copy_(grad)  # a no-op when `grad` already is `out`
+    return grad.scatter_add_(-1, labels_chunk.unsqueeze(-1), g)  # + g at the label
 
 
 def gather_logprobs(logits, labels):
@@ -142,7 +150,8 @@ def gather_logprobs(logits, labels):
     ``p_j``; the gradient sums to zero because adding a constant to all logits changes nothing).
     It writes ``g_t · (onehot(y_t) − softmax(z_t))`` chunk by chunk into the one gradient tensor it
     returns, recomputing ``softmax(z_t) = exp(z_t − m_t − s_t)`` from the saved logits. Peak extra
-    memory is under 0.07× the logits, forward and backward (``benchmarks/bench_logprobs.py``).
+    memory is one float32 chunk, ~0.08× the logits, forward and backward
+    (``benchmarks/bench_logprobs.py``).
 
     Numerics: the max is subtracted before any ``exp``, so huge logits are fine; a ``-inf`` logit is
     a token of probability 0 (gradient 0; as the label it gives ``-inf``). ``+inf`` logits or an
@@ -157,15 +166,20 @@ def gather_logprobs(logits, labels):
     return _GatherLogprobs.apply(logits, labels)
 
 
-def _chunk_entropy(logits_chunk):
-    """``H = −Σ_j p_j log p_j = s − Σ_j p_j (z_j − m)`` for one float32/float64 chunk; returns ``(H, m, s)``."""
-    max_logit = logits_chunk.amax(dim=-1)
-    shifted = logits_chunk - max_logit.unsqueeze(-1)
-    unnormalised = shifted.exp()  # exp(z − m) = p · exp(s)
+def _chunk_entropy(logits_chunk, out=None):
+    """``H = −Σ_j p_j log p_j`` for one chunk (any float dtype; in ``_compute_dtype``): ``(H, m, s)``.
+
+    With ``e_j = exp(z_j − m)`` and ``s = log Σ_j e_j``: ``H = s − Σ_j e_j (z_j − m) / Σ_j e_j``. Since
+    ``z_j − m = log e_j``, the sum is ``Σ_j entr(e_j)`` with ``entr(x) = −x log x``, computed in place
+    on the one buffer that holds ``e``; ``entr(0) = 0``, so a ``-inf`` logit adds 0, not ``0·(−inf)``.
+    ``out``: None or a scratch buffer, as for ``_chunk_logprobs``.
+    """
+    max_logit = logits_chunk.amax(dim=-1).to(_compute_dtype(logits_chunk))
+    unnormalised = _shifted_chunk(logits_chunk, max_logit, out).exp_()  # e = exp(z − m)
     total = unnormalised.sum(dim=-1)
-    expected_shifted = unnormalised.mul_(_finite(shifted)).sum(dim=-1) / total  # Σ p (z − m), 0·(−inf) → 0
+    surprise = torch.special.entr(unnormalised, out=unnormalised).sum(dim=-1) / total  # −Σ p (z − m)
     log_sum = total.log()
-    return log_sum - expected_shifted, max_logit, log_sum
+    return log_sum + surprise, max_logit, log_sum
 
 
 class _Entropy(torch.autograd.Function):
@@ -176,8 +190,10 @@ class _Entropy(torch.autograd.Function):
         compute_dtype = _compute_dtype(logits)
         entropy = logits.new_empty(logits.shape[:-1], dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(entropy), torch.empty_like(entropy)
+        scratch = _scratch(logits, compute_dtype)
         for rows in _row_blocks(logits, compute_dtype):
-            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(logits[rows].to(compute_dtype))
+            chunk = logits[rows]
+            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(chunk, _view(scratch, chunk))
         ctx.save_for_backward(logits, max_logit, log_sum, entropy)
         return entropy
 
@@ -185,26 +201,29 @@ class _Entropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_entropy):
         logits, max_logit, log_sum, entropy = ctx.saved_tensors
-        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_logits, scratch = _gradient_buffers(logits, log_sum.dtype)
         for rows in _row_blocks(logits, log_sum.dtype):
+            out = grad_logits[rows] if scratch is None else _view(scratch, logits[rows])
             _chunk_entropy_backward(
-                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out=grad_logits[rows]
+                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out
             )
+            if scratch is not None:
+                grad_logits[rows] = out  # round to the logits' dtype
         return grad_logits
 
 
 def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entropy, out):
-    """Write ``−g · p_j (log p_j + H)`` into ``out``, the gradient of ``g · H(z)``.
+    """Write ``−g · p_j (log p_j + H)``, the gradient of ``g · H(z)``, into ``out`` (as above); return it.
 
     Raising a logit whose surprise ``−log p_j`` is below the average surprise ``H`` concentrates
-    the distribution and lowers the entropy. ``log p_j = (z_j − m) − s``, ``p_j = exp(log p_j)``.
+    the distribution and lowers the entropy. One buffer suffices: with ``u_j = log p_j + H =
+    (z_j − m) − s + H`` we have ``p_j = exp(u_j − H)``, so ``−p_j u_j = exp(−H) · entr(exp(u_j))``
+    (``entr(x) = −x log x``; ``exp(u) ≤ exp(H) ≤ V`` cannot overflow, and ``p = 0`` gives 0).
     """
     grad = _shifted_chunk(logits_chunk, max_logit, out)  # z − m
-    probs = grad.exp().mul_(torch.exp(-log_sum).unsqueeze(-1))
-    g = grad_entropy.to(grad.dtype).unsqueeze(-1)
-    _finite(grad).add_((entropy - log_sum).unsqueeze(-1))  # log p + H, with log 0 → most negative float
-    grad.mul_(probs).mul_(-g)
-    out.copy_(grad)  # a no-op when `grad` already is `out`
+    grad.add_((entropy - log_sum).unsqueeze(-1)).exp_()  # exp(u)
+    scale = grad_entropy.to(grad.dtype) * torch.exp(-entropy)
+    return torch.special.entr(grad, out=grad).mul_(scale.unsqueeze(-1))
 
 
 def entropy_from_logits(logits):
@@ -215,8 +234,8 @@ def entropy_from_logits(logits):
 
     Differentiable, with the hand-written gradient ``∂H/∂z_j = −p_j (log p_j + H)``. Memory is lean
     the same way as ``gather_logprobs``: chunked over positions, one upcast chunk at a time, and
-    the backward writes into the one gradient tensor it returns (peak extra measured 0.05-0.14× the
-    logits at V = 151,936 on CPU: up to three chunk temporaries plus allocator slack).
+    the backward writes into the one gradient tensor it returns (peak extra: one float32 chunk, ~0.08×
+    the logits).
     Tokens with ``-inf`` logits have p = 0 and contribute ``0 · log 0 = 0``.
     """
     check_shapes("entropy_from_logits", logits=(logits, "B T V", "float"))
@@ -250,35 +269,57 @@ def _compute_dtype(logits):
 def _row_blocks(logits, compute_dtype):
     """Index tuples ``(batch slice, position slice)`` covering ``logits[:, :, :]`` in chunks.
 
-    A chunk holds at most ``rows`` positions, chosen so that one chunk in ``compute_dtype`` is
-    ``_CHUNK_FRACTION`` of the logits' bytes, but at least ``_MIN_CHUNK_BYTES`` (and one position).
-    Chunks are whole sequences or pieces of one sequence, so a non-contiguous view such as
-    ``logits[:, :-1]`` is never copied.
+    ``_CHUNKS`` chunks (24 for bf16 logits), fewer where a chunk in ``compute_dtype`` would be
+    smaller than ``_MIN_CHUNK_BYTES``. A chunk is whole sequences or an equal piece of one
+    sequence, so a non-contiguous view such as ``logits[:, :-1]`` is never copied.
     """
     batch, length, vocab = logits.shape
-    chunk_bytes = max(logits.numel() * logits.element_size() * _CHUNK_FRACTION, _MIN_CHUNK_BYTES)
-    rows = max(1, int(chunk_bytes // (vocab * compute_dtype.itemsize)))
-    if rows >= length:
-        per = rows // max(length, 1)
+    compute_bytes = logits.numel() * compute_dtype.itemsize
+    chunks = min(_CHUNKS * compute_dtype.itemsize // logits.element_size(),
+                 math.ceil(compute_bytes / max(_MIN_CHUNK_BYTES, 1)))
+    chunks = max(1, chunks)
+    if chunks <= max(batch, 1):
+        per = max(1, batch // chunks)  # whole sequences, never more than a chunk's share
         for b in range(0, batch, per):
             yield slice(b, b + per), slice(None)
     else:
+        rows = math.ceil(length / math.ceil(chunks / batch))  # each sequence in equal pieces
         for b in range(batch):
             for t in range(0, length, rows):
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
-def _shifted_chunk(logits_chunk, max_logit, out):
-    """``z − m`` in ``max_logit``'s dtype, for a backward pass.
+def _scratch(logits, compute_dtype):
+    """One buffer, the size of the largest chunk in ``compute_dtype``, that every chunk of a pass works in.
 
-    Written straight into ``out`` (a chunk of the gradient buffer) when it has that dtype, so
-    float32 logits need no temporary; bf16/fp16 logits need one upcast copy of the chunk.
+    A single allocation per pass: a new chunk-sized temporary per chunk would let the allocator
+    keep a freed one resident beside the next (glibc does, once small tensors split the hole).
     """
-    if out.dtype == max_logit.dtype:
-        return torch.sub(logits_chunk, max_logit.unsqueeze(-1), out=out)
-    return logits_chunk.to(max_logit.dtype).sub_(max_logit.unsqueeze(-1))
+    first = next(_row_blocks(logits, compute_dtype), None)
+    numel = 0 if first is None else logits[first].numel()
+    return torch.empty(numel, dtype=compute_dtype, device=logits.device)
 
 
-def _finite(logp):
-    """Replace ``log 0 = -inf`` by the most negative float, in place, so that ``p · log p = 0``."""
-    return logp.clamp_(min=torch.finfo(logp.dtype).min)
+def _view(scratch, chunk):
+    """The first ``chunk.numel()`` elements of ``scratch``, shaped like ``chunk``."""
+    return scratch[: chunk.numel()].view(chunk.shape)
+
+
+def _gradient_buffers(logits, compute_dtype):
+    """The gradient tensor a backward returns, and a scratch buffer unless the gradient's own chunks can
+    serve (float32 logits: each chunk's gradient is computed in place in its slice of the result)."""
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return grad_logits, None if logits.dtype == compute_dtype else _scratch(logits, compute_dtype)
+
+
+def _shifted_chunk(logits_chunk, max_logit, out=None):
+    """``z − m`` in ``max_logit``'s dtype, written into ``out`` (the chunk's shape, that dtype) or a new tensor.
+
+    bf16/fp16 logits are upcast by the copy into ``out`` itself and shifted in place: no other
+    temporary (on the CPU a mixed-dtype ``z − m`` would make a float32 copy, then the result).
+    """
+    if out is None:
+        out = torch.empty(logits_chunk.shape, dtype=max_logit.dtype, device=logits_chunk.device)
+    if logits_chunk.dtype != out.dtype:
+        return out.copy_(logits_chunk).sub_(max_logit.unsqueeze(-1))
+    return torch.sub(logits_chunk, max_logit.unsqueeze(-1), out=out)
