@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from minirlhf.core.masked import masked_sum
-from minirlhf.data.atomic import write_text_atomic
+from minirlhf.data.atomic import atomic_file, remove_dir, write_text_atomic
 from minirlhf.data.datasets import load_prompt_data
 from minirlhf.data.prompts import prompt_batch
 from minirlhf.eval import plots
@@ -47,7 +47,7 @@ from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.language import gold_reward
 from minirlhf.toy.measure import filler_count, gold_summary
 from minirlhf.train.args import parse_args
-from minirlhf.train.checkpoints import latest_checkpoint
+from minirlhf.train.checkpoints import checkpoint_dirs, latest_checkpoint
 from minirlhf.train.dpo import DPOArgs, train_dpo
 from minirlhf.train.grpo import GRPOArgs, train_grpo
 from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo
@@ -108,8 +108,11 @@ def run_stage(name, args, train_fn, stage_args, log):
         return final
     started = time.perf_counter()
     stage_args.out = str(Path(args.out) / name)
-    # An interrupted stage continues from its last checkpoint.
+    # An interrupted stage continues from its last complete checkpoint; without one it starts over.
     stage_args.resume = latest_checkpoint(stage_args.out) is not None
+    if not stage_args.resume and checkpoint_dirs(stage_args.out):
+        log(f"[{name}] no complete checkpoint to continue from: training the stage again")
+        remove_dir(Path(stage_args.out) / "checkpoints")
     path = Path(train_fn(stage_args))
     log(f"[{name}] {time.perf_counter() - started:.0f} s -> {path}")
     return path
@@ -122,7 +125,7 @@ def quick_data(world, folder, train_pairs=256, eval_pairs=64):
     for key, source, n in (("data", world.pref_train, train_pairs), ("eval_data", world.pref_test, eval_pairs)):
         paths[key] = str(folder / source.name)
         lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-        Path(paths[key]).write_text("".join(lines), encoding="utf-8")
+        write_text_atomic(paths[key], "".join(lines))
     return paths
 
 
@@ -256,7 +259,8 @@ def make_plots(out, rm_eval_dir, per_response, ppo_runs):
     for title, path in [("RM scores: chosen vs rejected, before vs after training", rm_eval_dir / "score_hist_before_after.png")]:
         if path.exists():
             target = Path(out) / path.name
-            target.write_bytes(path.read_bytes())
+            with atomic_file(target, "wb") as f:
+                f.write(path.read_bytes())
             written.append((title, target))
     for key, xlabel, title in [("gold", "gold reward r*", "Gold reward per response"),
                                ("proxy", "RM score", "Reward-model score per response"),

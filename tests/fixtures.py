@@ -105,3 +105,41 @@ def write_json(path, records):
     path = Path(path)
     path.write_text(json.dumps(records), encoding="utf-8")
     return path
+
+
+def build_gpt2_checkpoint(directory, dropout=0.1, seed=0, hidden_size=32, num_layers=2):
+    """Write the Qwen-like tokenizer + a tiny ``GPT2LMHeadModel`` with dropout ``dropout`` (GPT-2's
+    own default is 0.1: embedding, attention and residual dropout) to ``directory``; return its Path.
+    A model family whose dropout is on, unlike Qwen2's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = Path(directory)
+    tokenizer = build_qwen2_tokenizer()
+    tokenizer.save_pretrained(directory)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=hidden_size, n_layer=num_layers, n_head=4,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def multinomial_sampling_reference(model, input_ids, attention_mask, budget, stop_ids, pad_id, temperature, generator):
+    """Tokens ``[B, N]`` sampled the plain way: a full forward (no KV cache) over the whole batch at
+    every step and ``torch.multinomial`` on every row's ``softmax(float32 logits / τ)``; stopped rows
+    emit ``pad_id``; the loop ends when every row has emitted one of ``stop_ids`` or at ``budget``."""
+    from minirlhf.models.forward import position_ids_from_attention_mask
+
+    ids, mask, tokens = input_ids, attention_mask, []
+    finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    stops = torch.tensor(stop_ids, device=ids.device)
+    while len(tokens) < budget and not finished.all():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask)).logits
+        probs = torch.softmax(logits[:, -1].float() / temperature, -1)
+        token = torch.where(finished, pad_id, torch.multinomial(probs, 1, generator=generator).squeeze(-1))
+        tokens.append(token)
+        finished |= torch.isin(token, stops)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+    return torch.stack(tokens, 1)

@@ -149,3 +149,32 @@ def test_lora_on_cuda_starts_at_the_base_model_and_trains_float32_adapters():
         unmerged = model(input_ids=batch["input_ids"]).logits
         merged = merge_lora(model)(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_the_sampler_on_cuda_draws_torch_multinomials_and_looks_every_few_tokens():
+    """On a GPU the sampler looks at which rows stopped every ``CHECK_EVERY["other"]`` tokens (one host
+    sync each) and drops them from the batch and cache: the tokens are still those of
+    ``torch.multinomial`` on the whole batch with the same CUDA generator, and each response mask
+    ends at its row's first stop token."""
+    from fixtures import multinomial_sampling_reference
+    from minirlhf.models.sampling import sample_responses
+
+    model = cuda_model(vocab=300, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10.0)  # larger weights: continuations differ from row to row
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 300, (6, 7), generator=generator).to(CUDA)
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0  # one left-padded row
+    stops = list(range(0, 300, 11))
+    expected = multinomial_sampling_reference(model, prompts, mask, 20, stops, 0, 1.0,
+                                              torch.Generator(CUDA).manual_seed(3))
+    tokens, valid = sample_responses(model, prompts, mask, 20, stops, 0, 1.0, torch.Generator(CUDA).manual_seed(3))
+    assert torch.equal(tokens, expected)
+    stopped = torch.isin(tokens, torch.tensor(stops, device=CUDA)) & valid.bool()
+    lengths = valid.sum(-1)
+    assert len(set(lengths.tolist())) > 1
+    for row in range(6):
+        n = int(lengths[row])
+        assert valid[row, :n].all() and (n == tokens.shape[1] or stopped[row, n - 1])

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from minirlhf.errors import MinirlhfError
+from minirlhf.errors import DataError, MinirlhfError
 from minirlhf.eval import compare, eval_rm, plots, score
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import RewardModel
@@ -88,6 +88,70 @@ def test_compare_scores_win_rate_lengths_and_gold(setup, tmp_path):
     plain.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
     with pytest.raises(MinirlhfError, match="nothing to compare"):
         compare.compare(compare.CompareArgs(base=str(plain), tuned=str(plain), out=str(tmp_path / "none")))
+
+
+def test_score_and_compare_score_exactly_what_training_scored(setup, tmp_path):
+    """The trainers' reward (``RewardModelReward`` on the rollout's ids) and ``score``/``compare`` on
+    ``generate``'s records give the same number for every response: a response cut at the token
+    budget is scored as it was sampled, with no end-of-turn token appended."""
+    import torch
+
+    from minirlhf.data.chat import encode_prompt, end_of_turn_ids
+    from minirlhf.data.datasets import load_prompt_data
+    from minirlhf.data.prompts import prompt_batch
+    from minirlhf.eval.generate import batch_generator, generate_records
+    from minirlhf.models.policy import load_policy
+    from minirlhf.models.sampling import generate_rollouts
+    from minirlhf.train.rewards import RewardModelReward
+
+    tokenizer = load_tokenizer(setup["base"])
+    policy = load_policy(setup["base"])
+    policy.generation_config.eos_token_id = list(range(100, 200))  # stop tokens: a quarter of the vocabulary
+    examples = load_prompt_data(str(setup["corpus"].eval_prompts), "prompt", tokenizer, 64)[0]
+    records = generate_records(policy, tokenizer, examples, n=2, max_new_tokens=4, seed=0)
+    rollout = generate_rollouts(policy, tokenizer, prompt_batch(examples, tokenizer.pad_token_id, "cpu"), 4,
+                                n_per_prompt=2, generator=batch_generator(0, 0, "cpu"))
+    training = RewardModelReward(setup["rm"])(rollout).tolist()  # what PPO's reward is
+    ended = [r["ended"] for r in records]
+    assert True in ended and False in ended  # both kinds of response are there
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert score.main(["--model", setup["rm"], "--data", str(data), "--batch-size", "3"]) == 0
+    scored = [r["score"] for r in read_jsonl(tmp_path / "gen.scored.jsonl")]
+    assert scored == pytest.approx(training, abs=1e-5)
+    out = tmp_path / "cmp"
+    assert compare.main(["--base", str(data), "--tuned", str(data), "--reward-model", setup["rm"], "--out", str(out)]) == 0
+    means = [r["tuned_score"] for r in read_jsonl(out / "per_prompt.jsonl")]
+    assert means == pytest.approx([(a + b) / 2 for a, b in zip(training[::2], training[1::2])], abs=1e-5)
+
+    # Text-only records (older files, data written by people) are tokenized: a response with
+    # "ended": false is scored without the end-of-turn token, one with true or no "ended" with it.
+    model = RewardModel.from_pretrained(setup["rm"]).eval()
+    end = end_of_turn_ids(tokenizer)
+
+    def rm(prompt, response, end_ids):
+        ids = encode_prompt(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"] + end_ids
+        with torch.no_grad():
+            return float(model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[1])
+
+    cut = next(r for r in records if not r["ended"])
+    text_only = [{"prompt": cut["prompt"], "response": cut["response"], "ended": False},
+                 {"prompt": cut["prompt"], "response": cut["response"], "ended": True},
+                 {"prompt": cut["prompt"], "response": cut["response"]}]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps(r) + "\n" for r in text_only))
+    assert score.main(["--model", setup["rm"], "--data", str(old)]) == 0
+    scored = [r["score"] for r in read_jsonl(tmp_path / "old.scored.jsonl")]
+    assert scored == pytest.approx([rm(cut["prompt"], cut["response"], [])] + 2 * [rm(cut["prompt"], cut["response"], end)],
+                                   abs=1e-5)
+    assert abs(scored[0] - scored[1]) > 1e-4  # the end-of-turn token changes the score: the convention matters
+
+    # Ids that the reward model's tokenizer does not decode to the record's text are refused.
+    edited = dict(records[0], response=records[0]["response"] + " edited")
+    bad = tmp_path / "edited.jsonl"
+    bad.write_text(json.dumps(edited) + "\n")
+    with pytest.raises(DataError, match=r"edited.jsonl, line 1: 'response_ids' decode to"):
+        score.score_file(score.ScoreArgs(model=setup["rm"], data=str(bad)))
 
 
 def test_training_curves_from_a_run_directory(tmp_path):

@@ -59,6 +59,34 @@ def test_gather_logprobs_chunking_covers_every_position(monkeypatch):
     torch.testing.assert_close(grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("min_chunk_bytes", [0, logprobs_module._MIN_CHUNK_BYTES])
+def test_temperature_log_probs_entropy_and_gradients_are_those_of_softmax_z_over_tau(monkeypatch, dtype,
+                                                                                     min_chunk_bytes):
+    """``gather_logprobs(z, y, τ)`` = log softmax(float32(z) / τ)_y and ``entropy_from_logits(z, τ)``,
+    forward and backward (the chain rule's 1/τ), in one chunk or many."""
+    monkeypatch.setattr(logprobs_module, "_MIN_CHUNK_BYTES", min_chunk_bytes)
+    tau = 0.6
+    logits, labels = random_logits(2, 5, 300, dtype=dtype), random_labels(2, 5, 300)
+    exact = logits.double().requires_grad_()  # the upcast is exact; the division is what is checked
+    expected_logps = torch.log_softmax(exact / tau, -1).gather(-1, labels[..., None]).squeeze(-1)
+    expected_entropy = -(torch.softmax(exact / tau, -1) * torch.log_softmax(exact / tau, -1)).sum(-1)
+    weights = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected_grads = [torch.autograd.grad((weights * expected).sum(), exact, retain_graph=True)[0]
+                      for expected in (expected_logps, expected_entropy)]
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=3e-6, rtol=1e-5)
+    for fn, expected, expected_grad in ((gather_logprobs, expected_logps, expected_grads[0]),
+                                        (entropy_from_logits, expected_entropy, expected_grads[1])):
+        z = logits.clone().requires_grad_()
+        value = fn(z, labels, tau) if fn is gather_logprobs else fn(z, tau)
+        torch.testing.assert_close(value.double(), expected.detach(), **tol)
+        (grad,) = torch.autograd.grad((weights.to(value.dtype) * value).sum(), z)
+        grad_tol = tol if dtype != torch.bfloat16 else dict(atol=1e-3, rtol=2**-7)  # one bf16 rounding
+        torch.testing.assert_close(grad.double(), expected_grad, **grad_tol)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        gather_logprobs(logits, labels, 0.0)
+
+
 def test_gather_logprobs_accepts_a_non_contiguous_shifted_view():
     logits, input_ids = random_logits(2, 9, 50), random_labels(2, 9, 50)
     shifted_logits, labels, _ = shift_for_next_token(logits, input_ids, torch.ones(2, 9))

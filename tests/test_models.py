@@ -3,9 +3,13 @@
 Everything runs on ``qwen2_checkpoint``, a local directory shaped like a real Qwen2 checkpoint, so
 these tests exercise the code path used with ``Qwen/Qwen2.5-0.5B-Instruct``.
 """
+import pytest
 import torch
 
 from exercise_checks import exercise_tests
+from fixtures import build_gpt2_checkpoint
+from minirlhf.core.logprobs import entropy_from_logits, gather_logprobs
+from minirlhf.core.masked import masked_sum
 from minirlhf.data.collate import collate_sft
 from minirlhf.models import (
     RewardModel,
@@ -15,7 +19,10 @@ from minirlhf.models import (
     make_reference,
     position_ids_from_attention_mask,
     response_logprobs,
+    rollout_logprobs,
 )
+from minirlhf.models.forward import fused_response_logprobs
+from minirlhf.models.sampling import next_token_probs
 
 test_exercise_rm_end_score = exercise_tests("rm_end_score")
 
@@ -216,3 +223,85 @@ def test_make_reference_is_a_frozen_independent_copy(qwen2_checkpoint):
     with torch.no_grad():
         next(policy.parameters()).add_(1.0)
     assert not torch.equal(next(policy.parameters()), next(reference.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same numbers in every pass: dropout off, temperature in float32
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    """A tiny GPT-2 with dropout 0.1 everywhere (Qwen2 has none), built from its config."""
+    return build_gpt2_checkpoint(tmp_path_factory.mktemp("gpt2"), dropout=0.1)
+
+
+def test_dropout_is_off_so_pi_old_is_pi_and_k1_kl_starts_at_exactly_zero(gpt2_checkpoint, tiny_tokenizer):
+    batch = collate_sft(make_examples(tiny_tokenizer.pad_token_id), tiny_tokenizer.pad_token_id, "left")
+    policy = load_policy(gpt2_checkpoint).train()  # the online trainers score π_old in train mode
+    reference = make_reference(load_policy(gpt2_checkpoint))
+    first, mask = rollout_logprobs(policy, batch)
+    second, _ = rollout_logprobs(policy, batch)
+    ref, _ = rollout_logprobs(reference, batch)
+    assert torch.equal(first, second)  # π_old in two passes
+    assert torch.equal(masked_sum(first - ref, mask, dim=-1), torch.zeros(len(ROWS)))  # k1 KL at initialisation
+    # A training forward (with gradient) is deterministic too, and so are the reward and value models.
+    logps, _ = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    assert torch.equal(logps.detach(), first)
+    for head in (RewardModel, ValueModel):
+        model = head.from_causal_lm(str(gpt2_checkpoint)).train()
+        with torch.no_grad():
+            assert torch.equal(model(batch["input_ids"], batch["attention_mask"])[0],
+                               model(batch["input_ids"], batch["attention_mask"])[0])
+    # keep_dropout=True keeps GPT-2's dropout: then the two passes differ (what the default prevents).
+    noisy = load_policy(gpt2_checkpoint, keep_dropout=True).train()
+    assert not torch.equal(rollout_logprobs(noisy, batch)[0], rollout_logprobs(noisy, batch)[0])
+    assert noisy.config.attn_pdrop == 0.1 and policy.config.attn_pdrop == 0.0
+
+
+def test_disable_dropout_reaches_modules_attention_attributes_and_config(qwen2_checkpoint):
+    from minirlhf.models.policy import disable_dropout
+
+    model = load_policy(qwen2_checkpoint, keep_dropout=True)
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3  # what Qwen2's attention reads in train mode
+    model.extra = torch.nn.Dropout(0.5)
+    disable_dropout(model)
+    assert model.config.attention_dropout == 0.0 and model.extra.p == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_temperature_divides_float32_logits_when_scoring_and_sampling(qwen2_checkpoint, tiny_tokenizer, dtype):
+    """Scoring (``response_logprobs``) and sampling (``next_token_probs``) both compute
+    softmax(float32(z) / τ): for bf16 logits, dividing before the upcast would round them again."""
+    model = load_policy(qwen2_checkpoint, dtype=dtype)
+    examples = make_examples(tiny_tokenizer.pad_token_id)
+    for example in examples:  # the response starts at column 1: every logit column is scored
+        example["response_mask"] = [0] + [1] * (len(example["input_ids"]) - 1)
+    batch = collate_sft(examples, tiny_tokenizer.pad_token_id, "right")
+    temperature = 0.7
+    with torch.no_grad():
+        logps, mask, entropy = response_logprobs(model, **batch, temperature=temperature, return_entropy=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids_from_attention_mask(batch["attention_mask"]), use_cache=False,
+                       logits_to_keep=batch["input_ids"].shape[1]).logits[:, :-1]
+    assert logits.dtype == dtype
+    reference = torch.log_softmax(logits.float().double() / temperature, dim=-1)  # float32(z), then / τ
+    labels = batch["input_ids"][:, 1:]
+    expected = reference.gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(logps[mask.bool()].double(), expected[mask.bool()], atol=2e-6, rtol=0)
+    expected_entropy = -(reference.exp() * reference).sum(-1)
+    torch.testing.assert_close(entropy[mask.bool()].double(), expected_entropy[mask.bool()], atol=2e-5, rtol=0)
+    # The sampler's distribution at each position is the one the log-probs score.
+    probs = next_token_probs(logits.reshape(-1, logits.shape[-1]), temperature)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.double(), reference.exp().reshape(probs.shape), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gather_logprobs(logits, labels, temperature), logps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy_from_logits(logits, temperature)[mask.bool()], entropy[mask.bool()])
+    # The fused LM-head path divides inside its float32 log-softmax too.
+    with torch.no_grad():
+        fused, _, fused_entropy = fused_response_logprobs(model, **batch, temperature=temperature, return_entropy=True)
+    torch.testing.assert_close(fused[mask.bool()].double(), expected[mask.bool()], atol=2e-6, rtol=0)
+    torch.testing.assert_close(fused_entropy[mask.bool()].double(), expected_entropy[mask.bool()], atol=2e-5, rtol=0)

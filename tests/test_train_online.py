@@ -13,16 +13,18 @@ world prompts so the gold reward is logged too. What is checked:
 """
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fixtures import write_jsonl
-from minirlhf.models.forward import response_logprobs
+from fixtures import multinomial_sampling_reference, write_jsonl
+from minirlhf.models.forward import position_ids_from_attention_mask, response_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.models.sampling import generate_rollouts, sample_responses
+from minirlhf.errors import MinirlhfError
+from minirlhf.models.sampling import cache_keyword, generate_rollouts, sample_responses
 from minirlhf.toy.language import all_prompts
 from minirlhf.train.metrics import MetricsLogger, read_metrics
 from minirlhf.train.rewards import REWARD_FUNCTIONS, RewardModelReward, load_reward, register_reward
@@ -64,20 +66,185 @@ def prompt_batch(tokenizer, texts):
 # ---------------------------------------------------------------------------------------------
 
 
+def full_forward_greedy(model, batch, row, steps, stop=()):
+    """Greedy tokens of row ``row`` without cache and without padding: the argmax of a full forward
+    over the growing prefix, until a ``stop`` token (included) or ``steps`` tokens."""
+    ids, tokens = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist(), []
+    for _ in range(steps):
+        with torch.no_grad():
+            tokens.append(int(model(input_ids=torch.tensor([ids + tokens])).logits[0, -1].argmax()))
+        if tokens[-1] in stop:
+            break
+    return tokens
+
+
 def test_cached_greedy_sampling_matches_full_forward_and_ignores_left_padding(tiny_policy, tiny_tokenizer):
     batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "tell me everything you know about dogs ."])
     assert batch["attention_mask"][0, 0] == 0  # the short prompt is left-padded
     no_stop = [len(tiny_tokenizer) + 10]  # an id that is never sampled: every row runs 8 tokens
-    tokens, valid = sample_responses(tiny_policy, batch["input_ids"], batch["attention_mask"], 8, no_stop,
-                                     tiny_tokenizer.pad_token_id, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. "`past_key_values` is deprecated ... Use `cache`"
+        tokens, valid = sample_responses(tiny_policy, batch["input_ids"], batch["attention_mask"], 8, no_stop,
+                                         tiny_tokenizer.pad_token_id, temperature=0)
     assert valid.all() and tokens.shape == (2, 8)
     for row in range(2):
-        # Without cache and without padding: argmax of a full forward over the growing prefix.
-        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
-        for t in range(8):
-            logits = tiny_policy(input_ids=torch.tensor([ids])).logits[0, -1]
-            assert int(logits.argmax()) == int(tokens[row, t])
-            ids.append(int(tokens[row, t]))
+        assert tokens[row].tolist() == full_forward_greedy(tiny_policy, batch, row, 8)
+
+
+class Wrapped(torch.nn.Module):
+    """``model`` behind a forward with another signature (subclasses); ``ignore_cache`` drops the
+    cache it is given, as a removed keyword swallowed by ``**kwargs`` would be."""
+
+    def __init__(self, model, ignore_cache=False):
+        super().__init__()
+        self.model, self.config, self.ignore_cache = model, model.config, ignore_cache
+
+    def run(self, cache, **kwargs):
+        keep = {} if self.ignore_cache or cache is None else {cache_keyword(self.model): cache}
+        return self.model(**kwargs, **keep)
+
+
+class TakesCache(Wrapped):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+        return self.run(cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+class TakesPastKeyValues(Wrapped):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0):
+        return self.run(past_key_values, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+class TakesNoCache(Wrapped):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0, **kwargs):
+        return self.run(None, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def test_the_sampler_passes_its_cache_under_the_name_the_model_takes(tiny_policy, tiny_tokenizer):
+    """``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier, remote code), read from the
+    forward's signature; a model that takes neither is a clear error, never a silently ignored cache."""
+    import inspect
+
+    assert cache_keyword(tiny_policy) in inspect.signature(type(tiny_policy).forward).parameters
+    batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "describe rain ."])
+    expected = [full_forward_greedy(tiny_policy, batch, row, 6) for row in range(2)]
+    pad, never = tiny_tokenizer.pad_token_id, [len(tiny_tokenizer) + 10]
+
+    def greedy(model):
+        return sample_responses(model, batch["input_ids"], batch["attention_mask"], 6, never, pad, temperature=0)[0]
+
+    assert greedy(TakesCache(tiny_policy)).tolist() == greedy(TakesPastKeyValues(tiny_policy)).tolist() == expected
+    with pytest.raises(MinirlhfError, match="neither `cache` nor `past_key_values`"):
+        greedy(TakesNoCache(tiny_policy))
+
+
+def sampling_distributions(model, policy, batch, steps, monkeypatch):
+    """``(recorded, expected)``: the distributions ``sample_responses`` drew each token from (``[steps,
+    B, V]``, recorded as it samples at temperature 1), and those of a full forward (no cache) over
+    the prompts and the sampled tokens."""
+    import minirlhf.models.sampling as sampling
+
+    recorded = []
+    monkeypatch.setattr(sampling, "next_token_probs", lambda logits, t: recorded.append(torch.softmax(logits, -1))
+                        or recorded[-1])
+    never = [policy.config.vocab_size + 10]
+    tokens, _ = sample_responses(model, batch["input_ids"], batch["attention_mask"], steps, never, 0,
+                                 generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([batch["input_ids"], tokens], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens)], dim=1)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask)).logits
+    width = batch["input_ids"].shape[1]
+    return torch.stack(recorded), torch.softmax(logits[:, width - 1 : width - 1 + steps], -1).transpose(0, 1)
+
+
+def test_every_token_is_drawn_from_the_full_forward_distribution(tiny_policy, tiny_tokenizer, monkeypatch):
+    """The decode steps read the KV cache: each sampled token's distribution is the one a full
+    forward (no cache) gives at its position — which a silently ignored cache would break."""
+    batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "tell me everything you know about dogs ."])
+    recorded, expected = sampling_distributions(tiny_policy, tiny_policy, batch, 6, monkeypatch)
+    torch.testing.assert_close(recorded.log(), expected.log(), atol=1e-4, rtol=0)
+    recorded, expected = sampling_distributions(TakesCache(tiny_policy, ignore_cache=True), tiny_policy, batch, 6,
+                                                monkeypatch)
+    assert (recorded[1:].log() - expected[1:].log()).abs().amax(-1).min() > 1e-2  # each step saw only its newest token
+
+
+@pytest.fixture(scope="module")
+def lively_policy(tiny_tokenizer):
+    """A tiny Qwen2 with larger initial weights: unlike ``tiny_policy`` (which repeats one token),
+    its greedy continuations differ from prompt to prompt and from token to token."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def cache_cuts(monkeypatch):
+    """A list that records the batch size the sampler cuts its KV cache down to, at each cut."""
+    import minirlhf.models.sampling as sampling
+
+    kept, select = [], sampling.DynamicCache.batch_select_indices
+    monkeypatch.setattr(sampling.DynamicCache, "batch_select_indices",
+                        lambda cache, rows: kept.append(len(rows)) or select(cache, rows))
+    return kept
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_stopped_rows_leave_the_batch_without_changing_the_others(lively_policy, tiny_tokenizer, monkeypatch,
+                                                                  check_every):
+    """Rows that stop early are dropped from the batch and its KV cache (at every look, or every
+    ``check_every`` tokens as on a GPU): every row still decodes exactly its full-forward greedy
+    tokens, and the response mask still ends at each row's first stop token."""
+    import minirlhf.models.sampling as sampling
+
+    monkeypatch.setitem(sampling.CHECK_EVERY, "cpu", check_every)
+    texts = ["what is 3 plus 4 ?", "describe rain .", "tell me everything you know about dogs .", "how are you ?",
+             "write a poem about the sea .", "what is 12 times 3 ?"]
+    batch = prompt_batch(tiny_tokenizer, texts)
+    free = [full_forward_greedy(lively_policy, batch, row, 10) for row in range(len(texts))]
+    for stop in free[1]:  # a stop token that ends some rows early and leaves others running to the budget
+        expected = [full_forward_greedy(lively_policy, batch, row, 10, stop=[stop]) for row in range(len(texts))]
+        if sum(len(e) <= 3 for e in expected) >= 2 and max(map(len, expected)) == 10:
+            break
+    else:
+        pytest.fail("no stop token ends some rows early and leaves others running")
+    kept = cache_cuts(monkeypatch)
+    tokens, valid = sample_responses(lively_policy, batch["input_ids"], batch["attention_mask"], 10, [stop],
+                                     tiny_tokenizer.pad_token_id, temperature=0)
+    assert tokens.shape[1] == 10 and kept and kept[-1] < len(texts)
+    for row in range(len(texts)):
+        n = len(expected[row])
+        assert tokens[row, :n].tolist() == expected[row] and valid[row, :n].all() and not valid[row, n:].any()
+        assert (tokens[row, n:] == tiny_tokenizer.pad_token_id).all()
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_sampled_tokens_are_torch_multinomials_whatever_rows_leave_the_batch(lively_policy, tiny_tokenizer,
+                                                                             monkeypatch, check_every):
+    """With the same generator, ``sample_responses`` draws the tokens that ``torch.multinomial`` on
+    the whole batch draws at every step (the loop before stopped rows left the batch, written out
+    here without a cache): dropping rows changes neither the distribution nor the draws."""
+    import minirlhf.models.sampling as sampling
+
+    monkeypatch.setitem(sampling.CHECK_EVERY, "cpu", check_every)
+    batch = prompt_batch(tiny_tokenizer, ["what is 3 plus 4 ?", "describe rain .", "how are you ?",
+                                          "tell me everything you know about dogs ."])
+    budget, temperature = 12, 1.5
+    stops = list(range(0, len(tiny_tokenizer), 9))  # a ninth of the vocabulary stops a row: lengths vary
+    expected = multinomial_sampling_reference(lively_policy, batch["input_ids"], batch["attention_mask"], budget,
+                                              stops, tiny_tokenizer.pad_token_id, temperature,
+                                              torch.Generator().manual_seed(5))
+    kept = cache_cuts(monkeypatch)
+    tokens, valid = sample_responses(lively_policy, batch["input_ids"], batch["attention_mask"], budget, stops,
+                                     tiny_tokenizer.pad_token_id, temperature, torch.Generator().manual_seed(5))
+    assert kept and len(set(valid.sum(-1).tolist())) > 1 and tokens.shape == expected.shape
+    assert torch.equal(tokens, expected)
 
 
 def test_response_mask_ends_at_first_eos(tiny_policy, tiny_tokenizer):
@@ -191,6 +358,106 @@ def test_grpo_rloo_online_dpo_smoke(qwen2_checkpoint, prompt_file, reward_model_
         assert {"reward", "gold", "kl", "response_length"} <= set(rows[0])
 
 
+ONLINE = {"ppo": ("minirlhf.train.ppo", "PPOArgs", "train_ppo"), "grpo": ("minirlhf.train.grpo", "GRPOArgs", "train_grpo"),
+          "rloo": ("minirlhf.train.rloo", "RLOOArgs", "train_rloo"),
+          "online_dpo": ("minirlhf.train.online_dpo", "OnlineDPOArgs", "train_online_dpo")}
+
+
+def online_trainer(algo):
+    """``(Args class, train function, the module's CLI main)`` of an online trainer."""
+    import importlib
+
+    module_name, args_name, train_name = ONLINE[algo]
+    module = importlib.import_module(module_name)
+    return getattr(module, args_name), getattr(module, train_name), module.main
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    from fixtures import build_gpt2_checkpoint
+
+    return str(build_gpt2_checkpoint(tmp_path_factory.mktemp("gpt2"), dropout=0.1))
+
+
+@pytest.mark.parametrize("algo", list(ONLINE))
+def test_dropout_is_off_in_training_so_the_first_kl_is_exactly_zero(algo, gpt2_checkpoint, prompt_file, tmp_path):
+    """GPT-2 has dropout 0.1. The first rollout is sampled by π_θ = π_ref, so the logged KL
+    (log π_old − log π_ref, π_old scored in train mode) is exactly 0 — unless --keep-dropout."""
+    Args, train, _ = online_trainer(algo)
+    extra = {"ppo": dict(batch_size=4, minibatch_size=2), "online_dpo": dict(batch_size=2)}.get(
+        algo, dict(batch_size=2, group_size=2))
+    common_args = dict(model=gpt2_checkpoint, data=prompt_file, reward="gold", steps=1, **extra, **FAST)
+    train(Args(out=str(tmp_path / "off"), **common_args))
+    assert read_metrics(tmp_path / "off")[0]["kl"] == 0.0
+    if algo == "grpo":  # the flag keeps it: then π_old and π_ref already differ at initialisation
+        train(Args(out=str(tmp_path / "kept"), keep_dropout=True, **common_args))
+        assert read_metrics(tmp_path / "kept")[0]["kl"] != 0.0
+
+
+@pytest.mark.parametrize("algo", list(ONLINE))
+@pytest.mark.parametrize("temperature", ["0", "-0.5", "nan"])
+def test_temperature_zero_or_negative_is_refused_before_anything_loads(algo, temperature, capsys):
+    from minirlhf import __main__ as cli
+
+    Args, _, _ = online_trainer(algo)
+    with pytest.raises(MinirlhfError, match="--temperature"):
+        Args(temperature=float(temperature))
+    args = Args()
+    with pytest.raises(MinirlhfError, match="--temperature"):
+        args.temperature = 0.0
+    assert cli.main([algo.replace("_", "-"), "--temperature", temperature, "--data", "/nonexistent"]) == 2
+    message = capsys.readouterr().err
+    assert "--temperature" in message and ("generate --temperature 0" in message or "finite" in message)
+
+
+def test_other_impossible_settings_are_refused_with_the_flag_named():
+    from minirlhf.train.grpo import GRPOArgs
+
+    for field, value, expected in [("group_size", 1, "at least 2"), ("lr", float("inf"), "finite"),
+                                   ("batch_size", 0, "at least 1"), ("warmup_ratio", 1.5, r"\[0, 1\]")]:
+        with pytest.raises(MinirlhfError, match=f"--{field.replace('_', '-')} .*{expected}"):
+            GRPOArgs(**{field: value})
+
+
+def test_a_nan_reward_stops_before_the_loss_naming_the_reward_prompt_and_value(qwen2_checkpoint, prompt_file,
+                                                                               tmp_path):
+    from minirlhf.train.grpo import GRPOArgs, train_grpo
+    from minirlhf.train.rewards import RewardError, check_rewards
+
+    bad_prompt = TOY_PROMPTS[4]
+
+    @register_reward("test_nan_for_one_prompt")
+    def nan_for_one(prompts, responses, answers):
+        return [float("nan") if p == bad_prompt else 1.0 for p in prompts]
+
+    args = GRPOArgs(model=str(qwen2_checkpoint), data=prompt_file, reward="test_nan_for_one_prompt", steps=3,
+                    batch_size=9, group_size=2, out=str(tmp_path / "grpo"), **FAST)
+    with pytest.raises(RewardError) as info:
+        train_grpo(args)
+    message = str(info.value)
+    assert "'test_nan_for_one_prompt'" in message and bad_prompt[:40] in message and "nan" in message
+    assert "lower --lr" not in message and "cannot help" in message
+    assert not (tmp_path / "grpo" / "train.csv").exists() or not read_metrics(tmp_path / "grpo")  # nothing trained
+    # The reward model's scores pass the same check; so must a rule's output type and length.
+    rollout = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "prompts": ["a", "b"], "responses": ["x", "y"]}
+    with pytest.raises(RewardError, match=r"'rm'.*row 1: prompt 'b', response 'y' -> inf"):
+        check_rewards("rm", torch.tensor([0.5, float("inf")]), rollout)
+    for wrong in ([1.0], [1.0, "2"], None):
+        with pytest.raises(RewardError, match="one"):
+            check_rewards("rule", wrong, rollout)
+    assert check_rewards("rule", [True, 2], rollout).tolist() == [1.0, 2.0]
+
+
+def test_a_reward_model_with_nan_weights_is_refused_when_loaded(qwen2_checkpoint, tmp_path):
+    from minirlhf.train.rewards import RewardError
+
+    model = RewardModel.from_causal_lm(str(qwen2_checkpoint))
+    with torch.no_grad():
+        model.score_head.weight[0, 0] = float("nan")
+    with pytest.raises(RewardError, match="score_head.weight"):
+        RewardModelReward(model)
+
+
 def test_one_ppo_update_moves_logprobs_along_the_advantages(qwen2_checkpoint, tiny_tokenizer):
     """First-order property of a policy-gradient step: Σ_t A_t · Δlog π_t > 0 after one small step."""
     from minirlhf.core.masked import masked_sum
@@ -273,6 +540,45 @@ def test_generate_command_writes_jsonl_with_gold(qwen2_checkpoint, prompt_file, 
     assert all(isinstance(r["response"], str) and "gold" in r and r["response_tokens"] <= 5 for r in records)
     assert records[0]["response"] == records[1]["response"]  # greedy: both samples agree
     assert [r.get("answer") for r in records[::2]] == [p.answer for p in TOY]
+
+
+def test_generate_survives_a_crash_and_resumes_to_the_same_file(qwen2_checkpoint, prompt_file, tmp_path, monkeypatch):
+    """A run killed after its first batch leaves ``<out>.partial`` (and no ``<out>``); the same
+    command then continues after the last complete batch and writes what an uninterrupted run
+    writes. A line cut by the crash is dropped with its batch; other arguments start over."""
+    from minirlhf.eval import generate
+
+    argv = ["--model", str(qwen2_checkpoint), "--prompts", prompt_file, "--n", "2", "--max-new-tokens", "4",
+            "--batch-size", "4"]
+    assert generate.main(argv + ["--out", str(tmp_path / "straight.jsonl")]) == 0
+    straight = (tmp_path / "straight.jsonl").read_text()
+    out, partial = tmp_path / "gen.jsonl", tmp_path / "gen.jsonl.partial"
+    real, batches = generate.generate_records, []
+
+    def crash_after_one_batch(*args, **kwargs):
+        if batches:
+            raise KeyboardInterrupt  # the kill
+        batches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_records", crash_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv + ["--out", str(out)])
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 4 * 2  # header + one batch
+    with open(partial, "a") as f:
+        f.write('{"prompt": "half a li')  # the crash cut the next batch's first line
+    monkeypatch.setattr(generate, "generate_records", real)
+    assert generate.main(argv + ["--out", str(out)]) == 0
+    assert out.read_text() == straight and not partial.exists()
+    records = [json.loads(line) for line in straight.splitlines()]
+    assert all(len(r["response_ids"]) == r["response_tokens"] and r["prompt_ids"] for r in records)
+    # A .partial from other arguments (another seed) is not resumed.
+    batches.clear()
+    monkeypatch.setattr(generate, "generate_records", crash_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv + ["--out", str(out), "--seed", "1"])
+    monkeypatch.setattr(generate, "generate_records", real)
+    assert generate.main(argv + ["--out", str(out)]) == 0 and out.read_text() == straight
 
 
 def test_overoptimisation_plot(tmp_path):

@@ -66,12 +66,13 @@ def shift_for_next_token(logits, input_ids, mask):
     raise NotImplementedError("shift_for_next_token: see the docstring's formula and hint")
 
 
-def _chunk_logprobs(logits_chunk, labels_chunk, out=None):
+def _chunk_logprobs(logits_chunk, labels_chunk, out=None, temperature=1.0):
     """The forward formula of ``gather_logprobs`` for one chunk of positions: the log-sum-exp trick.
 
-    With ``m = max_j z_j`` and ``s = log Σ_j exp(z_j − m)``::
+    With ``m = max_j z_j`` and ``s = log Σ_j exp((z_j − m) / τ)`` (τ = ``temperature``, 1 for the
+    model's own distribution)::
 
-        log π(y | z) = z_y − log Σ_j exp(z_j) = (z_y − m) − s
+        log π(y | z) = z_y/τ − log Σ_j exp(z_j/τ) = (z_y − m)/τ − s
 
     Subtracting the max first keeps every ``exp`` in (0, 1]: no overflow for huge logits, and
     ``z_y − m`` stays exact where ``z_y − logsumexp(z)`` would round ``logsumexp`` away.
@@ -81,17 +82,17 @@ def _chunk_logprobs(logits_chunk, labels_chunk, out=None):
     for bf16/fp16/float32 logits), which the caller reuses for every chunk. Returns
     ``(logprobs, m, s)``, each ``[...]`` in the compute dtype; backward rebuilds the softmax from them.
 
-    Hint: ``amax`` in the compute dtype; ``_shifted_chunk`` writes ``z − m`` into ``out`` (``exp_``
-    and ``sum`` it in place); ``gather`` picks ``z_y``.
+    Hint: ``amax`` in the compute dtype; ``_shifted_chunk`` writes ``(z − m)/τ`` into ``out``
+    (``exp_`` and ``sum`` it in place); ``gather`` picks ``z_y``.
     """
     raise NotImplementedError("_chunk_logprobs: see the docstring's formula and hint")
 
 
 class _GatherLogprobs(torch.autograd.Function):
-    """``log softmax(z)_y`` with a chunked forward and a hand-written, chunked backward."""
+    """``log softmax(z/τ)_y`` with a chunked forward and a hand-written, chunked backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels):
+    def forward(ctx, logits, labels, temperature):
         compute_dtype = _compute_dtype(logits)
         logprobs = logits.new_empty(labels.shape, dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(logprobs), torch.empty_like(logprobs)
@@ -99,7 +100,9 @@ class _GatherLogprobs(torch.autograd.Function):
         for rows in _row_blocks(logits, compute_dtype):
             # One float32 chunk at a time: bf16 logits give float32-accurate log-probs.
             chunk = logits[rows]
-            logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(chunk, labels[rows], _view(scratch, chunk))
+            logprobs[rows], max_logit[rows], log_sum[rows] = _chunk_logprobs(
+                chunk, labels[rows], _view(scratch, chunk), temperature)
+        ctx.temperature = temperature
         ctx.save_for_backward(logits, labels, max_logit, log_sum)  # references, not copies
         return logprobs
 
@@ -108,35 +111,41 @@ class _GatherLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs):
         logits, labels, max_logit, log_sum = ctx.saved_tensors
         grad_logits, scratch = _gradient_buffers(logits, log_sum.dtype)
+        grad_logprobs = grad_logprobs / ctx.temperature  # the chain rule through z/τ
         for rows in _row_blocks(logits, log_sum.dtype):
             out = grad_logits[rows] if scratch is None else _view(scratch, logits[rows])
             _chunk_logprobs_backward(
-                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out
+                logits[rows], labels[rows], max_logit[rows], log_sum[rows], grad_logprobs[rows], out, ctx.temperature
             )
             if scratch is not None:
                 grad_logits[rows] = out  # round to the logits' dtype
-        return grad_logits, None
+        return grad_logits, None, None
 
 
-def _chunk_logprobs_backward(logits_chunk, labels_chunk, max_logit, log_sum, grad_logprobs, out):
-    """Write ``g · (onehot(y) − softmax(z))``, the gradient of ``g · log softmax(z)_y``, into ``out``.
+def _chunk_logprobs_backward(logits_chunk, labels_chunk, max_logit, log_sum, grad_logprobs, out, temperature=1.0):
+    """Write ``g · (onehot(y) − softmax(z/τ))``, the gradient of ``g · log softmax(z/τ)_y`` with
+    respect to ``z/τ``, into ``out`` (the caller folds the chain rule's 1/τ into ``g``).
 
-    ``d/dz_j [z_y − logsumexp(z)] = 1[j = y] − p_j``, with ``p_j = exp(z_j − m) · exp(−s)``
+    ``d/dz_j [z_y − logsumexp(z)] = 1[j = y] − p_j``, with ``p_j = exp((z_j − m)/τ) · exp(−s)``
     rebuilt from the forward's ``m`` and ``s``. ``out``: the chunk's shape, in ``max_logit``'s dtype
     (it may be ``logits_chunk`` itself). Returns ``out``.
     """
-    grad = _shifted_chunk(logits_chunk, max_logit, out).exp_()  # exp(z − m)
+    grad = _shifted_chunk(logits_chunk, max_logit, out, temperature).exp_()  # exp((z − m)/τ)
     g = grad_logprobs.to(grad.dtype).unsqueeze(-1)
     grad.mul_(-g * torch.exp(-log_sum).unsqueeze(-1))  # −g · p
     return grad.scatter_add_(-1, labels_chunk.unsqueeze(-1), g)  # + g at the label
 
 
-def gather_logprobs(logits, labels):
+def gather_logprobs(logits, labels, temperature=1.0):
     """Log-probability of each label: ``log π(y_t) = log softmax(z_t)[y_t] = z_{t,y} − log Σ_j exp(z_{t,j})``.
 
     Shapes: ``logits`` ``[B, T, V]`` (any float dtype), ``labels`` ``[B, T]`` long, already aligned
     (see ``shift_for_next_token``). Returns ``[B, T]`` float32 (float64 for float64 logits), computed
     in float32 even for bf16/fp16 logits. No mask: every position gets a value, the caller masks.
+
+    ``temperature`` τ > 0 gives the log-probs of the tempered distribution ``softmax(z / τ)`` (the
+    one a sampler at temperature τ draws from), divided chunk by chunk *after* the float32 upcast,
+    as the sampler divides: ``bf16(z) / τ`` would round the logits once more.
 
     Memory: no full-vocab float32 ``log_softmax`` is ever built. The forward walks over chunks of
     positions, upcasts one chunk at a time and keeps two numbers per position, ``m = max_j z_j`` and
@@ -156,24 +165,25 @@ def gather_logprobs(logits, labels):
     all ``-inf`` row have no log-probabilities and give NaN.
     """
     check_shapes("gather_logprobs", logits=(logits, "B T V", "float"), labels=(labels, "B T", "long"))
+    _check_temperature("gather_logprobs", temperature)
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[-1]):
         raise ValueError(
             f"gather_logprobs: labels must be token ids in [0, {logits.shape[-1]}), got values in "
             f"[{labels.min().item()}, {labels.max().item()}]; mask positions out instead of using an ignore index"
         )
-    return _GatherLogprobs.apply(logits, labels)
+    return _GatherLogprobs.apply(logits, labels, float(temperature))
 
 
-def _chunk_entropy(logits_chunk, out=None):
-    """``H = −Σ_j p_j log p_j`` for one chunk (any float dtype; in ``_compute_dtype``): ``(H, m, s)``.
+def _chunk_entropy(logits_chunk, out=None, temperature=1.0):
+    """``H = −Σ_j p_j log p_j`` of ``softmax(z/τ)`` for one chunk (any float dtype; in ``_compute_dtype``): ``(H, m, s)``.
 
-    With ``e_j = exp(z_j − m)`` and ``s = log Σ_j e_j``: ``H = s − Σ_j e_j (z_j − m) / Σ_j e_j``. Since
-    ``z_j − m = log e_j``, the sum is ``Σ_j entr(e_j)`` with ``entr(x) = −x log x``, computed in place
+    With ``e_j = exp((z_j − m)/τ)`` and ``s = log Σ_j e_j``: ``H = s − Σ_j e_j (z_j − m)/τ / Σ_j e_j``. Since
+    ``(z_j − m)/τ = log e_j``, the sum is ``Σ_j entr(e_j)`` with ``entr(x) = −x log x``, computed in place
     on the one buffer that holds ``e``; ``entr(0) = 0``, so a ``-inf`` logit adds 0, not ``0·(−inf)``.
     ``out``: None or a scratch buffer, as for ``_chunk_logprobs``.
     """
     max_logit = logits_chunk.amax(dim=-1).to(_compute_dtype(logits_chunk))
-    unnormalised = _shifted_chunk(logits_chunk, max_logit, out).exp_()  # e = exp(z − m)
+    unnormalised = _shifted_chunk(logits_chunk, max_logit, out, temperature).exp_()  # e = exp((z − m)/τ)
     total = unnormalised.sum(dim=-1)
     surprise = torch.special.entr(unnormalised, out=unnormalised).sum(dim=-1) / total  # −Σ p (z − m)
     log_sum = total.log()
@@ -181,17 +191,18 @@ def _chunk_entropy(logits_chunk, out=None):
 
 
 class _Entropy(torch.autograd.Function):
-    """Entropy of softmax(z) per position, chunked forward and hand-written chunked backward."""
+    """Entropy of softmax(z/τ) per position, chunked forward and hand-written chunked backward."""
 
     @staticmethod
-    def forward(ctx, logits):
+    def forward(ctx, logits, temperature):
         compute_dtype = _compute_dtype(logits)
         entropy = logits.new_empty(logits.shape[:-1], dtype=compute_dtype)
         max_logit, log_sum = torch.empty_like(entropy), torch.empty_like(entropy)
         scratch = _scratch(logits, compute_dtype)
         for rows in _row_blocks(logits, compute_dtype):
             chunk = logits[rows]
-            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(chunk, _view(scratch, chunk))
+            entropy[rows], max_logit[rows], log_sum[rows] = _chunk_entropy(chunk, _view(scratch, chunk), temperature)
+        ctx.temperature = temperature
         ctx.save_for_backward(logits, max_logit, log_sum, entropy)
         return entropy
 
@@ -200,35 +211,38 @@ class _Entropy(torch.autograd.Function):
     def backward(ctx, grad_entropy):
         logits, max_logit, log_sum, entropy = ctx.saved_tensors
         grad_logits, scratch = _gradient_buffers(logits, log_sum.dtype)
+        grad_entropy = grad_entropy / ctx.temperature  # the chain rule through z/τ
         for rows in _row_blocks(logits, log_sum.dtype):
             out = grad_logits[rows] if scratch is None else _view(scratch, logits[rows])
             _chunk_entropy_backward(
-                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out
+                logits[rows], max_logit[rows], log_sum[rows], entropy[rows], grad_entropy[rows], out, ctx.temperature
             )
             if scratch is not None:
                 grad_logits[rows] = out  # round to the logits' dtype
-        return grad_logits
+        return grad_logits, None
 
 
-def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entropy, out):
-    """Write ``−g · p_j (log p_j + H)``, the gradient of ``g · H(z)``, into ``out`` (as above); return it.
+def _chunk_entropy_backward(logits_chunk, max_logit, log_sum, entropy, grad_entropy, out, temperature=1.0):
+    """Write ``−g · p_j (log p_j + H)``, the gradient of ``g · H`` with respect to ``z/τ``, into ``out``
+    (as above; the caller folds the chain rule's 1/τ into ``g``); return it.
 
     Raising a logit whose surprise ``−log p_j`` is below the average surprise ``H`` concentrates
     the distribution and lowers the entropy. One buffer suffices: with ``u_j = log p_j + H =
     (z_j − m) − s + H`` we have ``p_j = exp(u_j − H)``, so ``−p_j u_j = exp(−H) · entr(exp(u_j))``
     (``entr(x) = −x log x``; ``exp(u) ≤ exp(H) ≤ V`` cannot overflow, and ``p = 0`` gives 0).
     """
-    grad = _shifted_chunk(logits_chunk, max_logit, out)  # z − m
+    grad = _shifted_chunk(logits_chunk, max_logit, out, temperature)  # (z − m)/τ
     grad.add_((entropy - log_sum).unsqueeze(-1)).exp_()  # exp(u)
     scale = grad_entropy.to(grad.dtype) * torch.exp(-entropy)
     return torch.special.entr(grad, out=grad).mul_(scale.unsqueeze(-1))
 
 
-def entropy_from_logits(logits):
+def entropy_from_logits(logits, temperature=1.0):
     """Entropy of the next-token distribution: ``H(z) = −Σ_j p_j log p_j = logsumexp(z) − Σ_j p_j z_j``.
 
     Shapes: ``logits`` ``[B, T, V]`` (any float dtype) → ``[B, T]`` float32 (float64 for float64
-    logits). No mask; the caller masks (e.g. ``masked_mean(entropy, mask)``).
+    logits). No mask; the caller masks (e.g. ``masked_mean(entropy, mask)``). ``temperature`` τ
+    gives the entropy of ``softmax(z / τ)``, divided after the float32 upcast (``gather_logprobs``).
 
     Differentiable, with the hand-written gradient ``∂H/∂z_j = −p_j (log p_j + H)``. Memory is lean
     the same way as ``gather_logprobs``: chunked over positions, one upcast chunk at a time, and
@@ -237,7 +251,8 @@ def entropy_from_logits(logits):
     Tokens with ``-inf`` logits have p = 0 and contribute ``0 · log 0 = 0``.
     """
     check_shapes("entropy_from_logits", logits=(logits, "B T V", "float"))
-    return _Entropy.apply(logits)
+    _check_temperature("entropy_from_logits", temperature)
+    return _Entropy.apply(logits, float(temperature))
 
 
 def sequence_logprobs(token_logprobs, mask, average=False):
@@ -306,14 +321,22 @@ def _gradient_buffers(logits, compute_dtype):
     return grad_logits, None if logits.dtype == compute_dtype else _scratch(logits, compute_dtype)
 
 
-def _shifted_chunk(logits_chunk, max_logit, out=None):
-    """``z − m`` in ``max_logit``'s dtype, written into ``out`` (the chunk's shape, that dtype) or a new tensor.
+def _shifted_chunk(logits_chunk, max_logit, out=None, temperature=1.0):
+    """``(z − m)/τ`` in ``max_logit``'s dtype, written into ``out`` (the chunk's shape, that dtype) or a new tensor.
 
-    bf16/fp16 logits are upcast by the copy into ``out`` itself and shifted in place: no other
-    temporary (on the CPU a mixed-dtype ``z − m`` would make a float32 copy, then the result).
+    bf16/fp16 logits are upcast by the copy into ``out`` itself, then shifted and divided in place:
+    no other temporary (on the CPU a mixed-dtype ``z − m`` would make a float32 copy, then the
+    result), and the temperature divides float32 numbers, never the rounded half-precision ones.
     """
     if out is None:
         out = torch.empty(logits_chunk.shape, dtype=max_logit.dtype, device=logits_chunk.device)
     if logits_chunk.dtype != out.dtype:
-        return out.copy_(logits_chunk).sub_(max_logit.unsqueeze(-1))
-    return torch.sub(logits_chunk, max_logit.unsqueeze(-1), out=out)
+        shifted = out.copy_(logits_chunk).sub_(max_logit.unsqueeze(-1))
+    else:
+        shifted = torch.sub(logits_chunk, max_logit.unsqueeze(-1), out=out)
+    return shifted if temperature == 1.0 else shifted.div_(temperature)
+
+
+def _check_temperature(function, temperature):
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{function}: temperature must be a finite number > 0, got {temperature!r}")

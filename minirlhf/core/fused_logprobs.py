@@ -28,6 +28,8 @@ special: pass the shared matrix as ``weight`` and autograd adds both uses' gradi
 
 Precision: under autocast (bf16/fp16 on a GPU) the two matmuls run in the autocast dtype, as the
 ``nn.Linear`` head would, and each chunk's log-softmax in float32; otherwise in the inputs' dtype.
+The temperature divides the logits inside that float32 log-softmax, after the upcast, as in
+``gather_logprobs`` and the sampler: the head's bf16 logits are never divided in bf16.
 """
 import torch
 import torch.nn.functional as F
@@ -87,9 +89,9 @@ class _FusedHeadLogprobs(torch.autograd.Function):
 
 def _chunk_forward(hidden_chunk, weight, bias, labels, temperature, with_entropy):
     """``(log-probs, m, s, entropy or None)`` of one chunk of rows (a function, so its logits die on return)."""
-    logits = _chunk_logits(hidden_chunk, weight, bias, temperature)  # [n, V]
-    logprobs, max_logit, log_sum = _chunk_logprobs(logits, labels)
-    return logprobs, max_logit, log_sum, _chunk_entropy(logits)[0] if with_entropy else None
+    logits = _chunk_logits(hidden_chunk, weight, bias)  # [n, V]
+    logprobs, max_logit, log_sum = _chunk_logprobs(logits, labels, temperature=temperature)
+    return logprobs, max_logit, log_sum, _chunk_entropy(logits, temperature=temperature)[0] if with_entropy else None
 
 
 def _chunk_backward(hidden_chunk, weight, bias, labels, max_logit, log_sum, g, entropy_term, temperature, grads):
@@ -100,8 +102,8 @@ def _chunk_backward(hidden_chunk, weight, bias, labels, max_logit, log_sum, g, e
     """
     grad_hidden, grad_weight, grad_bias = grads
     hidden_mm = hidden_chunk.to(weight.dtype)
-    logits = _chunk_logits(hidden_mm, weight, bias, temperature)  # [n, V], recomputed
-    delta = _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term)
+    logits = _chunk_logits(hidden_mm, weight, bias)  # [n, V], recomputed
+    delta = _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term, temperature)
     delta = delta.to(weight.dtype)  # the matmuls run in the head's dtype, as nn.Linear's backward does
     if grad_hidden is not None:
         grad_hidden.copy_(delta @ weight)  # [n, V] @ [V, D]
@@ -111,14 +113,14 @@ def _chunk_backward(hidden_chunk, weight, bias, labels, max_logit, log_sum, g, e
         grad_bias += delta.sum(dim=0, dtype=grad_bias.dtype)
 
 
-def _chunk_logits(hidden_chunk, weight, bias, temperature):
-    """``z = (W h + b) / τ`` for one chunk of rows: ``[n, D]`` -> ``[n, V]`` in the matmul dtype."""
-    logits = F.linear(hidden_chunk.to(weight.dtype), weight, bias)
-    return logits.div_(temperature) if temperature != 1.0 else logits
+def _chunk_logits(hidden_chunk, weight, bias):
+    """``W h + b`` for one chunk of rows: ``[n, D]`` -> ``[n, V]`` in the matmul dtype (the chunk
+    functions of ``core/logprobs.py`` divide by τ in float32)."""
+    return F.linear(hidden_chunk.to(weight.dtype), weight, bias)
 
 
-def _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term):
-    """``δ = g (onehot(y) − p) − γ p (log p + H)`` for one chunk, in the compute dtype.
+def _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term, temperature):
+    """``δ = g (onehot(y) − p) − γ p (log p + H)`` for one chunk, in the compute dtype (``p = softmax(z/τ)``).
 
     ``entropy_term`` is ``(H, γ)`` or None. For float32 logits the log-prob term is written over
     the chunk's own logits (no new buffer); the entropy term takes one more chunk-sized buffer,
@@ -127,9 +129,9 @@ def _chunk_logits_grad(logits, labels, max_logit, log_sum, g, entropy_term):
     entropy_grad = None
     if entropy_term is not None:
         entropy_grad = _chunk_entropy_backward(logits, max_logit, log_sum, *entropy_term,
-                                               out=torch.empty_like(logits, dtype=max_logit.dtype))
+                                               out=torch.empty_like(logits, dtype=max_logit.dtype), temperature=temperature)
     in_place = logits if logits.dtype == max_logit.dtype else None
-    delta = _chunk_logprobs_backward(logits, labels, max_logit, log_sum, g, out=in_place)
+    delta = _chunk_logprobs_backward(logits, labels, max_logit, log_sum, g, out=in_place, temperature=temperature)
     return delta if entropy_grad is None else delta.add_(entropy_grad)
 
 

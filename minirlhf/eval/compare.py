@@ -5,8 +5,10 @@
     python -m minirlhf compare --base base.jsonl --tuned tuned.jsonl --reward-model runs/rm/final
 
 Both files hold ``prompt`` + ``response`` records (``generate``'s output; several samples per prompt
-are fine). With ``--reward-model`` every response is scored by r_φ; otherwise a ``score`` field
-already in the files is used (``score`` writes one). Responses are grouped by prompt and the
+are fine). With ``--reward-model`` every response is scored by r_φ exactly as the trainers score it
+(from the token ids ``generate`` records; a response cut at the budget gets no end-of-turn token:
+see ``minirlhf/eval/score.py``); otherwise a ``score`` field already in the files is used (``score``
+writes one). Responses are grouped by prompt and the
 per-prompt mean scores compared on the prompts both files have:
 
     win rate = mean over prompts of 1[s_tuned(x) > s_base(x)] (+ ½ for a tie)
@@ -25,7 +27,7 @@ from pathlib import Path
 from minirlhf.data.atomic import write_jsonl_atomic, write_text_atomic
 from minirlhf.errors import MinirlhfError
 from minirlhf.eval import plots
-from minirlhf.eval.score import read_prompt_responses, score_responses
+from minirlhf.eval.score import read_prompt_responses, score_generations
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import load_reward_model
 from minirlhf.toy.language import gold_reward
@@ -91,13 +93,13 @@ def _per_prompt_means(rows, field):
 def load_generations(path, args, model, tokenizer, device):
     """Rows ``{key, prompt, response, score, gold, length}`` of a generation file."""
     records = read_prompt_responses(path, args.template)
-    prompts, responses = [r[1] for r in records], [r[2] for r in records]
-    if model is not None:
-        scores = score_responses(model, tokenizer, prompts, responses, batch_size=args.batch_size, max_len=args.max_len,
-                                 system_prompt=args.system_prompt, device=device)
+    prompts, responses = [r.prompt for r in records], [r.response for r in records]
+    if model is not None:  # scored as the trainers score them (see minirlhf/eval/score.py)
+        scores = score_generations(model, tokenizer, records, batch_size=args.batch_size, max_len=args.max_len,
+                                   system_prompt=args.system_prompt, device=device)
     else:
-        scores = [r[0].get("score") for r in records]
-    gold = [r[0].get("gold") for r in records]
+        scores = [r.record.get("score") for r in records]
+    gold = [r.record.get("gold") for r in records]
     if any(g is None for g in gold):
         toy = prompts and all(map(is_toy_prompt, prompts))
         gold = [gold_reward(p, y) for p, y in zip(prompts, responses)] if toy else [None] * len(records)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minirlhf.eval.plots import read_csv_columns, subplots
+from minirlhf.eval.plots import read_csv_columns, save_figure, subplots
 
 
 def running_mean(values, window):
@@ -59,8 +59,4 @@ def plot_overoptimisation(runs, path, smooth=5, x="sqrt_kl", title="Reward over-
     ax.set_ylabel("reward change since the start")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)

@@ -21,7 +21,8 @@ def _array(values):
     return np.asarray(values, dtype=float).ravel()
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write ``fig`` to ``path`` (the format from its suffix) atomically; returns ``path``."""
     path = Path(path)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:  # never a half-written image
@@ -59,7 +60,7 @@ def histograms(groups, path, title="", xlabel="score", bins=40):
     """Overlaid histograms on shared bins, e.g. ``{"chosen": scores, "rejected": scores}``."""
     fig, ax = subplots(figsize=(6, 4))
     _histograms_on(ax, groups, bins, xlabel, title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histogram_panels(panels, path, xlabel="score", bins=40):
@@ -68,7 +69,7 @@ def histogram_panels(panels, path, xlabel="score", bins=40):
     fig, axes = subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, groups) in zip(axes[0], panels.items()):
         _histograms_on(ax, groups, bins, xlabel, title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def boxplots(groups, path, title="", ylabel="score"):
@@ -79,7 +80,7 @@ def boxplots(groups, path, title="", ylabel="score"):
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def difference_histogram(differences, path, title="", xlabel="tuned − base score", bins=40):
@@ -92,7 +93,7 @@ def difference_histogram(differences, path, title="", xlabel="tuned − base sco
     ax.set_xlabel(xlabel)
     ax.set_ylabel("prompts")
     ax.set_title(f"{title} (win rate {wins:.1%}, mean {differences.mean():+.3g})".strip())
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lines(series, path, xlabel, ylabel, title=""):
@@ -104,7 +105,7 @@ def lines(series, path, xlabel, ylabel, title=""):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_csv_columns(path):
@@ -148,4 +149,4 @@ def training_curves(run_dir, metrics, path, title=""):
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -9,6 +9,22 @@ input order). Empty responses are scored too (a policy that says nothing gets th
 that). A record whose prompt leaves no room for the response within ``--max-len`` gets
 ``"score": null`` and a ``"skipped"`` reason. With toy-world prompts the gold reward is added
 (``gold``, ``gold_helpful``, ``gold_harmless``, as ``generate`` names them).
+
+**What is scored: exactly what the trainers score.** The online trainers' reward
+(``RewardModelReward``) reads the rollout's token ids: the prompt's tokens, then the response's
+tokens as the policy sampled them — its stop token included when the response ended, nothing
+appended when it was cut at the token budget. A cut response is not a finished answer, and an
+end-of-turn token appended to it is a different input (on a trained RM, often a very different
+score). ``score`` and ``compare`` follow the same convention:
+
+- a record with ``prompt_ids`` and ``response_ids`` (what ``generate`` writes) is scored from those
+  ids, token for token. The RM must use the policy's tokenizer, as in training; this is checked:
+  the ids must decode, with the RM's tokenizer, to the record's ``response`` text;
+- a record with text only (an older ``generate`` file, data written by people) is tokenized: the
+  prompt with the tokenizer's chat template (``--system-prompt``), then the response, then the
+  end-of-turn token — unless the record says ``"ended": false`` (cut at the budget). A record
+  without ``ended`` counts as a finished response. Re-tokenized text can differ from the sampled
+  ids in rare spots (another split of the same characters), so prefer files with ids.
 """
 import dataclasses
 import sys
@@ -39,7 +55,8 @@ class ScoreArgs:
     data: str = ""
     """JSON/JSONL file of (prompt, response) records, e.g. the output of `generate`."""
     template: str = "sft"
-    """Template that reads a record as (prompt, response): 'sft' (prompt + response/completion) or 'sft_messages'."""
+    """Template that reads a record as (prompt, response): 'sft' (prompt + response/completion) or 'sft_messages'.
+    Records with prompt_ids/response_ids (from `generate`) are scored from those token ids."""
     out: typing.Optional[str] = None
     """Output JSONL (default: <data>.scored.jsonl next to --data)."""
     gold: typing.Optional[bool] = None
@@ -51,13 +68,28 @@ class ScoreArgs:
     max_prompt_len: typing.Optional[int] = None
     """Maximum prompt tokens (default: half of --max-len)."""
     system_prompt: typing.Optional[str] = None
-    """System prompt put in front of every conversation."""
+    """System prompt put in front of every conversation (records scored from text only)."""
     device: typing.Optional[str] = None
     """'cuda', 'cpu', ... (default: CUDA when available)."""
 
 
+class Generation(typing.NamedTuple):
+    """One record of a generation file, read for scoring."""
+
+    record: dict  # the raw record, written back with its score
+    prompt: object  # a string or a message list
+    response: str
+    ended: bool  # False: cut at the token budget (no end-of-turn token is appended)
+    token_ids: typing.Optional[tuple]  # (prompt_ids, response_ids) as generated, or None: tokenize the text
+    where: str  # "line 7", for error messages
+
+
 def read_prompt_responses(path, template="sft"):
-    """``[(record, prompt, response)]`` of a file, every record kept in order (empty responses too)."""
+    """``[Generation]`` of a file, every record kept in order (empty responses too).
+
+    ``ended`` is the record's ``ended`` field (True when absent); ``token_ids`` its
+    ``prompt_ids``/``response_ids`` lists when it has both (checked to be lists of token ids).
+    """
     convert, rows = get_template(template), []
     for where, record in located_records(path):
         try:
@@ -66,22 +98,59 @@ def read_prompt_responses(path, template="sft"):
             raise DataError(f"{path}, {where}: {err}") from None
         if not isinstance(example, SFTExample):
             raise DataError(f"{path}: template {template!r} does not give (prompt, response) records; use 'sft' or 'sft_messages'")
-        rows.append((record, example.prompt, example.response))
+        ended = record.get("ended", True)
+        if not isinstance(ended, bool):
+            raise DataError(f"{path}, {where}: field 'ended' must be true or false, got {ended!r}")
+        token_ids = None
+        if "response_ids" in record or "prompt_ids" in record:
+            token_ids = tuple(_token_ids(record, key, f"{path}, {where}") for key in ("prompt_ids", "response_ids"))
+        rows.append(Generation(record, example.prompt, example.response, ended, token_ids, f"{path}, {where}"))
     return rows
 
 
+def _token_ids(record, key, where):
+    ids = record.get(key)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise DataError(f"{where}: field {key!r} must be a list of token ids (non-negative integers), got "
+                        f"{str(ids)[:80]}; a record has both prompt_ids and response_ids, or neither")
+    return ids
+
+
+def scored_tokens(tokenizer, generation, *, vocab_size, end_ids, max_len=512, max_prompt_len=None, system_prompt=None):
+    """``(input_ids, response_mask)`` that r_φ reads for one ``Generation`` (the convention in the
+    module docstring), cut to ``max_len`` like training data (the prompt from the left, the
+    response from the right). Raises ``SkipRecord`` when no response token fits, ``DataError``
+    when the token ids are not the tokenizer's."""
+    if generation.token_ids is not None:
+        prompt_ids, response_ids = generation.token_ids
+        too_large = max(prompt_ids + response_ids, default=-1)
+        if too_large >= vocab_size:
+            raise DataError(f"{generation.where}: token id {too_large} is outside the reward model's vocabulary "
+                            f"({vocab_size} tokens); it must use the tokenizer that generated the file")
+        decoded = tokenizer.decode(response_ids, skip_special_tokens=True)
+        if decoded != generation.response:
+            raise DataError(
+                f"{generation.where}: 'response_ids' decode to {decoded[:60]!r} with the reward model's tokenizer, "
+                f"not to the record's response {generation.response[:60]!r}: the file was generated with another "
+                "tokenizer, or the response was edited (remove prompt_ids/response_ids to score the text)")
+    else:
+        prompt_ids = encode_prompt(tokenizer, generation.prompt, system_prompt)
+        response_ids = encode_response(tokenizer, generation.response, end_ids if generation.ended else [])
+    ids, mask, _ = truncate_prompt_response(prompt_ids, response_ids, max_len, max_prompt_len or max_len // 2)
+    return ids, mask
+
+
 @torch.no_grad()
-def score_responses(model, tokenizer, prompts, responses, *, batch_size=32, max_len=512, max_prompt_len=None,
-                    system_prompt=None, device="cpu"):
-    """``[r_φ(x, y) or None]`` for parallel lists of prompts and responses (None: did not fit)."""
+def score_generations(model, tokenizer, generations, *, batch_size=32, max_len=512, max_prompt_len=None,
+                      system_prompt=None, device="cpu"):
+    """``[r_φ(x, y) or None]`` of each ``Generation`` (None: the response did not fit in ``max_len``)."""
     model.eval()
     end_ids = end_of_turn_ids(tokenizer)
     rows, fits = [], []
-    for prompt, response in zip(prompts, responses):
+    for generation in generations:
         try:
-            ids, mask, _ = truncate_prompt_response(encode_prompt(tokenizer, prompt, system_prompt),
-                                                    encode_response(tokenizer, response, end_ids), max_len,
-                                                    max_prompt_len or max_len // 2)
+            ids, mask = scored_tokens(tokenizer, generation, vocab_size=model.config.vocab_size, end_ids=end_ids,
+                                      max_len=max_len, max_prompt_len=max_prompt_len, system_prompt=system_prompt)
         except SkipRecord:
             fits.append(False)
             continue
@@ -96,18 +165,33 @@ def score_responses(model, tokenizer, prompts, responses, *, batch_size=32, max_
     return [next(scores) if fit else None for fit in fits]
 
 
+def score_responses(model, tokenizer, prompts, responses, *, ended=None, batch_size=32, max_len=512,
+                    max_prompt_len=None, system_prompt=None, device="cpu"):
+    """``[r_φ(x, y) or None]`` for parallel lists of prompts and response texts (None: did not fit).
+
+    ``ended[i] = False`` marks response ``i`` as cut at the token budget: it is scored without an
+    end-of-turn token, as the trainers score it (default: every response finished).
+    """
+    ended = [True] * len(prompts) if ended is None else ended
+    generations = [Generation({}, p, y, e, None, f"response {i}")
+                   for i, (p, y, e) in enumerate(zip(prompts, responses, ended))]
+    return score_generations(model, tokenizer, generations, batch_size=batch_size, max_len=max_len,
+                             max_prompt_len=max_prompt_len, system_prompt=system_prompt, device=device)
+
+
 def score_file(args: ScoreArgs):
     """Score ``args.data`` and write ``args.out``; returns the output path."""
     # 1. Read the records, load the reward model and its tokenizer.
     rows = read_prompt_responses(args.data, args.template)
-    prompts, responses = [r[1] for r in rows], [r[2] for r in rows]
+    prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
     device = select_device(args.device)
     model = load_reward_model(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
 
-    # 2. Score; add the gold reward in the toy world.
-    scores = score_responses(model, tokenizer, prompts, responses, batch_size=args.batch_size, max_len=args.max_len,
-                             max_prompt_len=args.max_prompt_len, system_prompt=args.system_prompt, device=device)
+    # 2. Score (the token ids when the file has them; see the module docstring); add the gold
+    #    reward in the toy world.
+    scores = score_generations(model, tokenizer, rows, batch_size=args.batch_size, max_len=args.max_len,
+                               max_prompt_len=args.max_prompt_len, system_prompt=args.system_prompt, device=device)
     toy = all(map(is_toy_prompt, prompts))
     gold = [gold_scores(p, y) for p, y in zip(prompts, responses)] if toy and args.gold is not False else None
     if args.gold and not toy:
@@ -115,7 +199,7 @@ def score_file(args: ScoreArgs):
 
     # 3. Write every record back with its score.
     out_records = []
-    for i, (record, score) in enumerate(zip((r[0] for r in rows), scores)):
+    for i, (record, score) in enumerate(zip((r.record for r in rows), scores)):
         record = {**record, "score": score}
         if score is None:
             record["skipped"] = "the prompt leaves no room for the response within --max-len"

@@ -48,8 +48,9 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     Args:
         model: a Hugging Face causal LM (accepts ``position_ids`` and ``logits_to_keep``).
         input_ids, attention_mask, response_mask: ``[B, L]`` (see DEVELOPERS.md, "Batches").
-        temperature: logits are divided by it first (use the sampling temperature for PPO/GRPO so
-            the ratio compares the distribution the tokens were actually drawn from).
+        temperature: log-probs of ``softmax(logits / temperature)`` (use the sampling temperature for
+            PPO/GRPO so the ratio compares the distribution the tokens were actually drawn from).
+            The division happens in float32, after the upcast, exactly as in the sampler.
         return_entropy: also return the per-token entropy ``H(π(· | y_<t))`` (``[B, T]`` float32).
 
     Returns ``(token_logprobs, mask)`` — or ``(token_logprobs, mask, entropy)`` — all ``[B, T]``
@@ -67,13 +68,11 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
         use_cache=False,
     )
     logits, labels, _ = shift_for_next_token(output.logits, input_ids[:, start:], response_mask[:, start:])
-    if temperature != 1.0:
-        logits = logits / temperature
     # Left-pad the [B, T - start] results with `start` zero columns to restore the [B, T] alignment.
-    token_logprobs = F.pad(gather_logprobs(logits, labels), (start, 0))
+    token_logprobs = F.pad(gather_logprobs(logits, labels, temperature), (start, 0))
     mask = response_mask[:, 1:]
     if return_entropy:
-        return token_logprobs, mask, F.pad(entropy_from_logits(logits), (start, 0))
+        return token_logprobs, mask, F.pad(entropy_from_logits(logits, temperature), (start, 0))
     return token_logprobs, mask
 
 

@@ -15,9 +15,19 @@ visible: one forward pass over the prompts fills the KV cache, then each new tok
 pass over a single column that reads the cache. Position ids follow the repository convention
 ``attention_mask.cumsum(-1) - 1``, so a left-padded prompt samples exactly what it would unpadded.
 """
-import torch
+import functools
+import inspect
+import math
 
+import torch
+from transformers import DynamicCache
+
+from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import position_ids_from_attention_mask
+
+# How many tokens the sampler decodes between two looks at which rows have stopped, per device
+# type. A look makes the host wait for the device: free on the CPU, a stall of a GPU's queue.
+CHECK_EVERY = {"cpu": 1, "other": 8}
 
 
 def eos_token_ids(model, tokenizer):
@@ -38,6 +48,37 @@ def eos_token_ids(model, tokenizer):
     return sorted(ids)
 
 
+def cache_keyword(model):
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache`` (transformers ≥ 5.24)
+    or ``past_key_values`` (earlier versions, and remote-code models written for them).
+
+    Read from the forward's signature, never guessed: transformers removes a renamed keyword after
+    a deprecation period (``past_key_values`` in 5.40), and a removed keyword passed anyway would
+    vanish into ``**kwargs`` — every decode step would then see only its newest token.
+    """
+    return _cache_keyword(type(model))
+
+
+@functools.cache
+def _cache_keyword(model_class):
+    parameters = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise MinirlhfError(f"{model_class.__name__}.forward takes neither `cache` nor `past_key_values`: the "
+                        "KV-cached sampler cannot give it a cache")
+
+
+def next_token_probs(logits, temperature):
+    """``softmax(z / τ)`` over the vocabulary, float32: ``[B, V]`` -> ``[B, V]``.
+
+    The logits are upcast *before* the division, as ``gather_logprobs`` does when it scores the
+    samples: bf16 logits divided in bf16 would be rounded once more, and the trainers' ratio would
+    compare a distribution that is not the one the tokens were drawn from.
+    """
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
 @torch.no_grad()
 def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, pad_token_id,
                      temperature=1.0, generator=None):
@@ -46,44 +87,69 @@ def sample_responses(model, prompt_ids, prompt_mask, max_new_tokens, stop_ids, p
     At each step ``y_t ~ softmax(logits_t / temperature)`` (``temperature=0`` is greedy argmax).
 
     Shapes: ``prompt_ids``, ``prompt_mask`` ``[B, P]``, left-padded. Returns
-    ``(response_ids [B, N], response_mask [B, N])`` with ``N ≤ max_new_tokens`` (the loop stops
-    once every row has produced a stop token). ``response_mask`` is 1 up to and including the
-    first stop token of each row; later positions hold ``pad_token_id`` and mask 0. A row that
-    never stops keeps all ``N`` tokens (its response was cut at the budget).
+    ``(response_ids [B, N], response_mask [B, N])`` with ``N ≤ max_new_tokens`` (the last row to
+    stop does so at column ``N − 1``). ``response_mask`` is 1 up to and including the first stop
+    token of each row; later positions hold ``pad_token_id`` and mask 0. A row that never stops
+    keeps all ``N`` tokens (its response was cut at the budget).
+
+    Rows that have stopped leave the batch (and the cache) once a quarter of the decoding rows
+    have: the rest decode without them. On a GPU the loop looks at which rows stopped only every
+    ``CHECK_EVERY`` tokens — each look waits for the GPU — so up to ``CHECK_EVERY − 1`` steps may
+    decode rows that already stopped; their tokens are thrown away. Neither changes the tokens:
+    with the same ``generator`` state they are those of ``torch.multinomial`` on the whole batch
+    at every step (on a GPU the generator may then have advanced a few steps further).
     """
-    batch_size = prompt_ids.shape[0]
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"sample_responses: temperature must be >= 0 (0 = greedy), got {temperature}")
+    batch_size, device = prompt_ids.shape[0], prompt_ids.device
+    check_every = CHECK_EVERY.get(device.type, CHECK_EVERY["other"])
+    stop = torch.tensor(stop_ids, device=device)
+    tokens = prompt_ids.new_full((batch_size, max_new_tokens), pad_token_id)
+    alive = torch.zeros(batch_size, max_new_tokens, dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, device=device)  # the rows still in the decoding batch
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # per decoding row
     attention_mask = prompt_mask.long()
-    stop = torch.tensor(stop_ids, device=prompt_ids.device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-    tokens, alive = [], []
+    kv_cache = DynamicCache(config=model.config)
+    cache = {cache_keyword(model): kv_cache}  # passed as cache= or past_key_values=
 
     # 1. Prefill: one pass over the prompts fills the cache and gives the first token's logits
     #    (only the last column's: at Qwen's 151,936-token vocabulary the others would cost GBs).
-    outputs = model(input_ids=prompt_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_attention_mask(attention_mask), use_cache=True,
-                    logits_to_keep=1)
-    for _ in range(max_new_tokens):
-        # 2. Sample the next token from the last position's distribution.
-        logits = outputs.logits[:, -1, :].float()
+    logits = model(input_ids=prompt_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                   position_ids=position_ids_from_attention_mask(attention_mask), **cache).logits[:, -1, :]
+    for step in range(max_new_tokens):
+        # 2. Sample the next token from the last position's distribution: argmax_i p_i / E_i with
+        #    E_i ~ Exp(1) picks i with probability p_i (the race torch.multinomial(p, 1) runs). The
+        #    noise is drawn for the whole batch, so a row's token does not depend on which other
+        #    rows are still decoding, and it is the one torch.multinomial would draw.
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            noise = torch.empty(batch_size, logits.shape[-1], device=device).exponential_(generator=generator)
+            next_token = (next_token_probs(logits, temperature) / noise[rows]).argmax(dim=-1)
         # 3. Rows that already stopped emit padding; the token that stops a row still counts.
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-        tokens.append(next_token)
-        alive.append(~finished)
+        tokens[rows, step] = next_token
+        alive[rows, step] = (~finished).long()
         finished = finished | torch.isin(next_token, stop)
-        if bool(finished.all()):
+        if step + 1 == max_new_tokens:
             break
-        # 4. Decode one column: the new token reads the cache; its position is the number of
-        #    real tokens before it. Finished rows keep decoding padding that is thrown away.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
-        outputs = model(input_ids=next_token[:, None], attention_mask=attention_mask,
-                        position_ids=attention_mask.sum(-1, keepdim=True) - 1,
-                        past_key_values=outputs.past_key_values, use_cache=True)
-    return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long()
+        # 4. Every `check_every` tokens: stop when every row has; drop the stopped rows from the
+        #    batch and the cache once they are a quarter of it.
+        if (step + 1) % check_every == 0:
+            decoding = (~finished).nonzero().squeeze(-1)  # the host waits for the device here
+            if len(decoding) == 0:
+                break
+            if len(decoding) <= 0.75 * len(rows):
+                rows, finished, next_token = rows[decoding], finished[decoding], next_token[decoding]
+                attention_mask = attention_mask[decoding]
+                kv_cache.batch_select_indices(decoding)
+        # 5. Decode one column: the new token reads the cache; its position is the number of real
+        #    tokens before it.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
+        logits = model(input_ids=next_token[:, None], attention_mask=attention_mask, use_cache=True,
+                       position_ids=attention_mask.sum(-1, keepdim=True) - 1, **cache).logits[:, -1, :]
+    width = int(alive.any(dim=0).sum())  # columns up to the last row's stop
+    return tokens[:, :width], alive[:, :width]
 
 
 @torch.no_grad()

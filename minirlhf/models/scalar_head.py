@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from minirlhf.models.forward import position_ids_from_attention_mask
-from minirlhf.models.policy import resolve_dtype
+from minirlhf.models.policy import disable_dropout, resolve_dtype
 
 
 class ScalarHeadModel(nn.Module):
@@ -54,17 +54,19 @@ class ScalarHeadModel(nn.Module):
         return self.score_head(hidden).squeeze(-1).float()
 
     @classmethod
-    def from_causal_lm(cls, name_or_path, dtype=None, device=None, seed=0, trust_remote_code=False):
-        """The backbone of a causal-LM checkpoint (its LM head dropped) + a new head seeded by ``seed``."""
+    def from_causal_lm(cls, name_or_path, dtype=None, device=None, seed=0, trust_remote_code=False, keep_dropout=False):
+        """The backbone of a causal-LM checkpoint (its LM head dropped) + a new head seeded by ``seed``;
+        dropout off unless ``keep_dropout`` (``models/policy.py``)."""
         backbone = AutoModel.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
-        model = cls(backbone, seed=seed)
+        model = cls(backbone if keep_dropout else disable_dropout(backbone), seed=seed)
         return model.to(device) if device is not None else model
 
     @classmethod
-    def from_pretrained(cls, directory, dtype=None, device=None, trust_remote_code=False):
-        """Load a checkpoint in HF's sequence-classification layout with one label (ours or a published RM)."""
+    def from_pretrained(cls, directory, dtype=None, device=None, trust_remote_code=False, keep_dropout=False):
+        """Load a checkpoint in HF's sequence-classification layout with one label (ours or a published
+        RM); dropout off unless ``keep_dropout``."""
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             directory,
             num_labels=1,
@@ -72,7 +74,7 @@ class ScalarHeadModel(nn.Module):
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-        model = cls(hf_model.base_model)
+        model = cls(hf_model.base_model if keep_dropout else disable_dropout(hf_model.base_model))
         with torch.no_grad():
             model.score_head.weight.copy_(hf_model.score.weight)
         return model.to(device) if device is not None else model

@@ -7,18 +7,23 @@ builds the command line, so the documentation lives once, next to the default.
 A ``TrainArgs`` remembers which fields its caller set (``explicit_fields``): the keyword and
 positional arguments it was built with, the flags given on the command line (even when equal to
 the default), and fields assigned afterwards. The toy world's presets fill in only the others.
+
+Every value is checked when it is set (``check_field``): ``--temperature 0`` or ``--group-size 1``
+is refused before anything loads, with a message that says why and what to use instead.
 """
 import argparse
 import ast
 import dataclasses
 import inspect
 import json
+import math
 import sys
 import textwrap
 import typing
 from pathlib import Path
 
 from minirlhf.data.atomic import write_text_atomic
+from minirlhf.errors import MinirlhfError
 
 
 @dataclasses.dataclass
@@ -75,6 +80,10 @@ class TrainArgs:
     fsdp: bool = False
     """Under torchrun: shard weights, gradients and AdamW state across the processes (FSDP2) instead
     of a whole copy on each (DDP), for models too big for one GPU. Same training either way."""
+    keep_dropout: bool = False
+    """Keep the models' dropout. Off by default (as in TRL): RLHF compares one model's log-probs
+    across forward passes (π_old vs π_θ, π_θ vs π_ref), and dropout turns those differences into
+    noise. Qwen2/Llama have no dropout; GPT-2-style models do."""
     progress: bool = True
     """Show a tqdm progress bar with live metrics."""
     tensorboard: bool = True
@@ -88,10 +97,13 @@ class TrainArgs:
         return self
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_field(field.name, getattr(self, field.name))
         object.__setattr__(self, "_constructed", True)
 
     def __setattr__(self, name, value):
         if self.__dict__.get("_constructed"):  # assigned after construction: set explicitly too
+            check_field(name, value)
             self._explicit.add(name)
         object.__setattr__(self, name, value)
 
@@ -99,6 +111,42 @@ class TrainArgs:
     def explicit_fields(self):
         """The fields the caller set (constructor, command line, or assignment), as a frozenset."""
         return frozenset(self.__dict__.get("_explicit", ()))
+
+
+# name -> (is the value acceptable?, what is expected). Fields not listed take any value of their type.
+FIELD_RULES = {
+    "temperature": (lambda v: v > 0, (
+        "must be > 0: the PPO/GRPO/RLOO ratio and the KL are log-probs of the distribution the samples "
+        "were drawn from, and greedy decoding (0) has none (online DPO would sample identical, tied "
+        "pairs). Sample with --temperature 1.0 (or e.g. 0.7 for less varied responses); for greedy "
+        "responses of a trained policy use `python -m minirlhf generate --temperature 0`")),
+    "group_size": (lambda v: v >= 2, "must be at least 2: a response's baseline is the other responses to its prompt"),
+    "batch_size": (lambda v: v >= 1, "must be at least 1"),
+    "max_new_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "max_len": (lambda v: v >= 2, "must be at least 2 (a prompt token and a response token)"),
+    "epochs": (lambda v: v > 0, "must be > 0"),
+    "steps": (lambda v: v >= 0, "must be >= 0"),
+    "lr": (lambda v: v >= 0, "must be >= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    **{name: (lambda v: v >= 0, "must be >= 0") for name in (
+        "micro_batch_size", "minibatch_size", "eval_every", "save_every", "stop_at_step", "max_grad_norm",
+        "weight_decay", "beta")},
+    "ppo_epochs": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
+def check_field(name, value):
+    """Raise ``MinirlhfError`` naming the flag when ``value`` is not acceptable for field ``name``:
+    NaN/inf for any float field, or a value outside ``FIELD_RULES``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MinirlhfError(f"{flag} {value}: must be a finite number")
+    accept, expected = FIELD_RULES.get(name, (None, None))
+    if accept is not None and not accept(value):
+        raise MinirlhfError(f"{flag} {value}: {expected}")
 
 
 def field_docs(args_class):
@@ -178,18 +226,37 @@ RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "devic
                      "save_every")
 
 
-def save_args(args, out):
-    """Write the run's arguments to ``out/args.json`` (what ``--resume`` checks against)."""
-    write_text_atomic(Path(out) / "args.json", json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+def save_args(args, out, algo=None):
+    """Write the run's arguments (and ``"algorithm": algo``) to ``out/args.json``: what ``--resume``
+    checks against."""
+    record = {**({"algorithm": algo} if algo else {}), **dataclasses.asdict(args)}
+    write_text_atomic(Path(out) / "args.json", json.dumps(record, indent=2) + "\n")
 
 
-def warn_changed_args(args):
-    """On ``--resume``: warn about arguments that differ from the interrupted run's ``args.json``
-    (the continuation is exact only with the same ones)."""
-    path = Path(args.out) / "args.json"
+def saved_args(out):
+    """The ``args.json`` of run directory ``out`` as a dict, or None when it is missing or unreadable
+    (with a warning: a run can still resume, but not be checked against it)."""
+    path = Path(out) / "args.json"
     if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        print(f"warning: {path} is unreadable ({err}); the arguments of the run cannot be compared", file=sys.stderr)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def check_resumed_args(args, algo):
+    """On ``--resume``: refuse a run of another algorithm (``algo`` differs from ``args.json``'s), and
+    warn about arguments that differ from the interrupted run's (the continuation is exact only
+    with the same ones)."""
+    before, now = saved_args(args.out), dataclasses.asdict(args)
+    if before is None:
         return
-    before, now = json.loads(path.read_text()), dataclasses.asdict(args)
+    if before.get("algorithm", algo) != algo:
+        raise MinirlhfError(f"--resume: {args.out} holds a {before['algorithm']} run, not {algo}; resume it with "
+                            f"the command that started it, or choose another --out")
     changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v]
     if changed:
         print(f"warning: --resume with different arguments than the interrupted run ({'; '.join(changed)}); "

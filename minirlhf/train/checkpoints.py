@@ -10,62 +10,98 @@ It is written to a temporary directory, fsynced, renamed into place, and only th
 one-line pointer file ``out/checkpoints/latest`` switch to it. The previous checkpoint is kept, so
 a crash at any moment leaves a complete last-good checkpoint to ``--resume`` from.
 
+**Resuming trusts nothing unchecked.** A checkpoint can still be damaged after the fact (a full
+disk, a truncated copy between machines, a file deleted by hand): ``--resume`` validates it
+first (``checkpoint_problem``: files present, safetensors headers parse and match the file sizes,
+``training_state.pt`` loads) and falls back to the newest complete checkpoint with a warning that
+names the damaged one. Starting a run also removes the temporaries a killed process left behind
+(``remove_stale_temporaries``), refuses an ``--out`` that holds another run (or is a file), and
+starts clean — saying so — in one whose previous run stopped before its first checkpoint.
+
 Under torchrun every rank calls these functions together (they gather what rank 0 writes: FSDP's
 shards, each rank's RNG state); rank 0 alone writes, and every rank reads on ``--resume`` (a
 multi-node run needs ``--out`` on a filesystem all nodes share).
 """
-import shutil
+import json
+import pickle
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from minirlhf.data.atomic import write_dir_atomic, write_text_atomic
+from minirlhf.data.atomic import remove_dir, remove_stale_temporaries, write_dir_atomic, write_text_atomic
 from minirlhf.errors import MinirlhfError
-from minirlhf.train.args import save_args, warn_changed_args
+from minirlhf.train.args import check_resumed_args, save_args
 from minirlhf.train.distributed import barrier, broadcast, gather_objects, init_distributed, is_main, rank
 from minirlhf.train.parallel import full_optimizer_state, full_state_dict, load_optimizer_state
 from minirlhf.train.runtime import quiet_transformers, rng_state, seed_everything, set_rng_state
+
+
+# What a run writes into its directory besides args.json, checkpoints/, final/ and PPO's critic/.
+RUN_LOGS = ("train.csv", "eval.csv", "tb", "reference_logps.pt")
+RUN_FILES = RUN_LOGS + ("args.json", "final", "critic")
 
 
 def prepare_run(args, algo):
     """Start (or resume) the run in ``args.out``; returns the checkpoint to resume from, or None.
 
     Joins torchrun's process group (if torchrun started us), fills ``args.out`` (default
-    ``runs/<algo>-<time>``), finds the checkpoint (``--resume``), writes ``args.json`` and seeds
-    everything, rank r with ``seed + r`` (so the ranks sample different responses). Call it first in
-    every ``train_<algo>``: on ``--resume`` the trainer then loads its model from the returned directory.
+    ``runs/<algo>-<time>``), removes stale temporaries, finds the checkpoint (``--resume``), writes
+    ``args.json`` (with ``algo``) and seeds everything, rank r with ``seed + r`` (so the ranks sample
+    different responses). Call it first in every ``train_<algo>``: on ``--resume`` the trainer then
+    loads its model from the returned directory.
     """
     quiet_transformers()
     init_distributed(args.device)
     if args.out is None:  # rank 0's clock names the run
         args.out = broadcast(str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MinirlhfError(f"--out {out} is a file; give a directory for the run (e.g. --out runs/{algo})")
+    if is_main():  # a run directory has one writer: older versions' untagged temporaries are stale too
+        remove_stale_temporaries(out, untagged=lambda name: name in RUN_FILES)
+        remove_stale_temporaries(out / "checkpoints", untagged=lambda name: name == "latest" or name.startswith("step-"))
+    barrier()  # every rank looks for the checkpoint in the tidied directory
     checkpoint = resume_checkpoint(args)
+    if checkpoint is not None:
+        check_resumed_args(args, algo)
     if is_main():
-        if checkpoint is not None:
-            warn_changed_args(args)
-        save_args(args, args.out)
+        save_args(args, args.out, algo)
     barrier()  # every rank has looked for a checkpoint before rank 0 writes one
     seed_everything(args.seed + rank())
     return checkpoint
 
 
 def resume_checkpoint(args):
-    """For ``--resume``: the checkpoint to continue from (raises a clear error if none).
+    """For ``--resume``: the newest complete checkpoint (raises a clear error if none), with a
+    warning for each newer one that is damaged.
 
-    Without ``--resume`` returns None and refuses to overwrite a run directory that already has
-    checkpoints (pass ``--resume`` or a new ``--out``).
+    Without ``--resume`` returns None and refuses a run directory that already holds a run
+    (checkpoints or ``final/``): pass ``--resume`` or a new ``--out``. A directory whose run
+    stopped before its first checkpoint has nothing to resume: its logs are removed, with a
+    warning, so that the new run's metrics never mix with the old ones.
     """
-    path = latest_checkpoint(args.out)
+    out = Path(args.out)
     if args.resume:
+        path, problems = find_checkpoint(out)
         if path is None:
-            raise MinirlhfError(f"--resume: no checkpoint found in {Path(args.out) / 'checkpoints'}")
+            found = "; ".join(f"{p.name}: {why}" for p, why in problems) or "none"
+            raise MinirlhfError(f"--resume: no complete checkpoint in {out / 'checkpoints'} (found: {found})")
+        for bad, problem in problems:
+            print(f"warning: checkpoint {bad} is damaged ({problem}); resuming from {path.name}", file=sys.stderr)
         return path
-    if path is not None:
-        raise MinirlhfError(
-            f"{args.out} already holds a run (checkpoint {path.name}); pass --resume to continue it "
-            f"or choose another --out"
-        )
+    held = checkpoint_dirs(out) + [p for p in [out / "final"] if p.exists()]
+    if held:
+        raise MinirlhfError(f"{out} already holds a run ({held[-1].name}); pass --resume to continue it "
+                            f"or choose another --out")
+    leftovers = [out / name for name in RUN_LOGS if (out / name).exists()]
+    if leftovers and is_main():
+        print(f"warning: {out} holds the logs of a run that stopped before its first checkpoint (nothing to "
+              f"resume); starting over, replacing {', '.join(p.name for p in leftovers)}", file=sys.stderr)
+        for leftover in leftovers:
+            remove_dir(leftover)
     return None
 
 
@@ -111,20 +147,111 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, extra=Non
     if is_main():
         write_dir_atomic(path, write)
         write_text_atomic(root / "latest", path.name + "\n")
-        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
             if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)
     barrier()
     return path
 
 
 def latest_checkpoint(out):
-    """Path of the checkpoint ``out/checkpoints/latest`` points at, or None when there is none."""
-    pointer = Path(out) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "training_state.pt").exists() else None
+    """The newest complete checkpoint in ``out/checkpoints``, or None (``find_checkpoint``)."""
+    return find_checkpoint(out)[0]
+
+
+def find_checkpoint(out):
+    """``(path, problems)``: the newest complete checkpoint in ``out/checkpoints`` (or None), and
+    ``[(path, what is wrong)]`` for the newer ones that failed ``checkpoint_problem``.
+
+    Newest = the highest step. The ``latest`` pointer names it after every completed save; a
+    crash between writing a checkpoint and moving the pointer leaves a newer, complete one,
+    which is then the one to resume from.
+    """
+    problems = []
+    for path in reversed(checkpoint_dirs(out)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, problems
+        problems.append((path, problem))
+    return None, problems
+
+
+def checkpoint_dirs(out):
+    """The ``out/checkpoints/step-N`` directories, oldest (smallest N) first."""
+    paths = [p for p in (Path(out) / "checkpoints").glob("step-*") if p.name[5:].isdigit() and p.is_dir()]
+    return sorted(paths, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_problem(path):
+    """What makes checkpoint directory ``path`` unusable for ``--resume``, or None when it is complete.
+
+    Checks, cheapest first: ``training_state.pt`` and model weights present; every JSON file
+    (config, tokenizer, shard index) parses; every ``*.safetensors`` file is as long as its header
+    says and every shard the index names is there; ``training_state.pt`` loads (memory-mapped: its
+    tensors are not read).
+    """
+    path = Path(path)
+    if not (path / "training_state.pt").is_file():
+        return "training_state.pt is missing"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (*.safetensors)"
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"{file.name} is not valid JSON ({err})"
+    index = path / "model.safetensors.index.json"
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []:
+        if not (path / shard).is_file():
+            return f"{shard}, named in {index.name}, is missing"
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            return f"{file.name}: {problem}"
+    try:
+        load_state(path / "training_state.pt", mmap=True)
+    except Exception as err:  # a damaged zip/pickle raises anything from OSError to UnicodeDecodeError
+        return f"training_state.pt does not load ({type(err).__name__}: {str(err)[:100]})"
+    return None
+
+
+def safetensors_problem(path):
+    """Why ``path`` is not a complete safetensors file, or None: the 8-byte header length, the JSON
+    header, and the file size ``8 + header + end of the last tensor``."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes, no header)"
+        header_size = int.from_bytes(head, "little")
+        if 8 + header_size > size:
+            return f"truncated ({size} bytes, the header alone needs {8 + header_size})"
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            return f"unreadable header ({err})"
+    if 8 + header_size + end != size:
+        return f"{size} bytes where its header describes {8 + header_size + end}"
+    return None
+
+
+# Besides tensors and Python builtins, a training state holds NumPy's RNG state.
+SAFE_GLOBALS = [np.ndarray, np.dtype, np.empty(0).__reduce__()[0], type(np.dtype(np.uint32))]
+
+
+def load_state(path, mmap=False):
+    """``torch.load`` a training state on the CPU, with ``weights_only=True`` (no code runs while
+    it loads) when the state holds only tensors, builtins and NumPy's RNG state; states with
+    other objects (a trainer's ``extra``) load as trusted pickles: they are this run's own files."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err) and "Weights only" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def load_training_state(path, optimizer, scheduler):
@@ -135,7 +262,7 @@ def load_training_state(path, optimizer, scheduler):
     loader (``from_pretrained``), *before* building the optimizer. Under torchrun rank r restores
     rank r's RNG state; a rank the interrupted run did not have keeps its fresh seed.
     """
-    state = torch.load(Path(path) / "training_state.pt", map_location="cpu", weights_only=False)
+    state = load_state(Path(path) / "training_state.pt")
     load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rngs = state.get("rng_per_rank", [state["rng"]])

@@ -178,7 +178,7 @@ def train_dpo(args: DPOArgs):
     # 2. Tokenizer, policy (from the checkpoint when resuming), data and test split.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     load_kwargs = dict(tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_preference_data(args.data, args.template, **load_kwargs)
     print(report, file=sys.stderr)

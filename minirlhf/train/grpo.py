@@ -155,7 +155,7 @@ def train_grpo(args: GRPOArgs):
     # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
     tokenizer = load_tokenizer(args.model)
     reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     reward_fn = load_reward(args.reward, device=device)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)

@@ -145,7 +145,7 @@ def train_kto(args: KTOArgs):
     # 2. Tokenizer, policy (from the checkpoint when resuming), data, test split, KL pairs.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     load_kwargs = dict(tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_kto_data(args.data, args.template, **load_kwargs)
     print(report, file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from minirlhf.data.atomic import atomic_file
+from minirlhf.errors import MinirlhfError
 from minirlhf.train.distributed import is_main, mean_over_ranks
 
 # The metrics a progress bar shows, in this order, when a trainer logs them.
@@ -25,7 +26,8 @@ class MetricsLogger:
     ``log(step, metrics, split="train")``: one CSV row (columns grow as new metric names
     appear) and one TensorBoard scalar per metric. ``step`` counts optimizer steps done. When
     resuming after ``start_step`` steps, rows and events the interrupted run logged after its
-    checkpoint (steps ``> start_step``) are dropped, so the curves have no duplicates.
+    checkpoint (steps ``> start_step``) are dropped, so the curves have no duplicates; so is a
+    last line that a crash cut short (``read_complete_rows``).
     """
 
     def __init__(self, out, start_step=0, tensorboard=True):
@@ -33,12 +35,10 @@ class MetricsLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows = {}  # split -> list of row dicts
         for path in self.out.glob("*.csv"):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                if "step" not in (reader.fieldnames or []):
-                    continue  # not a metrics file of ours
-                kept = [r for r in reader if int(float(r["step"])) <= start_step]
-            self.rows[path.stem] = kept
+            rows = read_complete_rows(path)
+            if rows is None:
+                continue  # not a metrics file of ours
+            self.rows[path.stem] = [r for r in rows if float(r["step"]) <= start_step]
             self._rewrite(path.stem)
         self.writer = None
         if tensorboard:
@@ -79,6 +79,28 @@ class MetricsLogger:
             self.writer.close()
 
 
+def read_complete_rows(path):
+    """The rows of a metrics CSV as dicts of strings, without a last line that a crash cut short
+    (every complete row ends with a newline) or rows whose step is not a number; None when the
+    file has no ``step`` column (not a metrics file)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines = lines[:-1]
+    reader = csv.DictReader(lines)
+    if "step" not in (reader.fieldnames or []):
+        return None
+    return [row for row in reader if None not in row.values() and _is_number(row["step"])]
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def read_metrics(out, split="train"):
     """The rows of ``out/<split>.csv`` as dicts of floats (for plots and tests)."""
     with open(Path(out) / f"{split}.csv", newline="") as f:
@@ -94,7 +116,8 @@ class TrainingLog:
     """The metrics of one run: CSVs and TensorBoard (``MetricsLogger``) plus a progress bar.
 
     ``with TrainingLog(args, start, total, last, desc) as log:`` around the loop; ``start`` steps
-    are done (resuming), the bar counts to ``total``, the run stops after ``last``.
+    are done (resuming), the bar counts to ``total``, the run stops after ``last`` (a resumed run
+    whose ``start`` lies beyond ``total`` or ``last`` is refused with a clear error).
     ``log.train(done, metrics)`` after each step writes every ``--log-every`` steps (and the
     last one) and advances the bar; ``log.eval(done, metrics)`` writes ``eval.csv``. Under torchrun
     only rank 0 writes and shows a bar; ``train`` logs the mean of the ranks' metrics (each rank's
@@ -102,6 +125,13 @@ class TrainingLog:
     """
 
     def __init__(self, args, start, total, last, desc):
+        if start > total:
+            raise MinirlhfError(f"--resume: the checkpoint has {start} steps done, but this run has {total} in all "
+                                "(--steps or --epochs changed?); resume with the original settings, or start a new "
+                                "run in another --out")
+        if start > last:
+            raise MinirlhfError(f"--stop-at-step {args.stop_at_step}: the resumed run already has {start} steps done; "
+                                "give a later step, or 0 to run to the end")
         self.every, self.last = max(1, args.log_every), last
         self.logger = MetricsLogger(args.out, start, tensorboard=args.tensorboard) if is_main() else None
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (args.progress and is_main()),
@@ -130,9 +160,12 @@ class TrainingLog:
 
 def eval_due(args, done, start, total):
     """Whether to evaluate after ``done`` steps: every ``--eval-every`` steps (from step 0 of a
-    new run; a resumed run already has its evaluation at ``start``), and once at the end when
-    the periodic ones do not land on it (with ``--eval-every 0``: only at the end)."""
-    periodic = args.eval_every > 0 and done % args.eval_every == 0 and (done > start or start == 0)
+    new run), and once at the end when the periodic ones do not land on it (with
+    ``--eval-every 0``: only at the end). A resumed run already has the evaluation that was due
+    at ``start``: its interrupted run evaluated before it checkpointed."""
+    if done == start and start > 0:
+        return False
+    periodic = args.eval_every > 0 and done % args.eval_every == 0
     final = done == total and (args.eval_every <= 0 or total % args.eval_every != 0)
     return periodic or final
 

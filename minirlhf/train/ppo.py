@@ -194,15 +194,15 @@ def train_ppo(args: PPOArgs):
     #    critic, ptx data.
     tokenizer = load_tokenizer(args.model)
     reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     reward_fn = load_reward(args.reward, device=device)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
     if args.critic_init == "reward_model" and isinstance(reward_fn, RewardModelReward):
-        critic = ValueModel.from_pretrained(args.reward, dtype=TRAIN_DTYPE, device=device)
+        critic = ValueModel.from_pretrained(args.reward, dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     else:
-        critic = ValueModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed)
+        critic = ValueModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed, keep_dropout=args.keep_dropout)
     ptx = None
     if args.ptx_coef > 0:
         ptx = load_sft_data(args.ptx_data, args.ptx_template or "sft", tokenizer, args.max_len,

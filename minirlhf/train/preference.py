@@ -11,6 +11,7 @@ their implicit-reward metrics.
   their accuracy (ties ½) and margin are what to watch, with both summed log-probs.
 """
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -64,10 +65,23 @@ def reference_logps(model, rows, pad_id, batch_size, device):
 def cached_reference_logps(args, resume_from, rows, pad_id, device):
     """``{split: log π_ref [N]}`` for the ``rows`` of each split: read back from
     ``<out>/reference_logps.pt`` when resuming, else computed with π_ref (``args.ref_model`` or
-    ``args.model``, freed afterwards) and saved there atomically (by rank 0)."""
+    ``args.model``, freed afterwards) and saved there atomically (by rank 0). A cache that does not
+    load or does not match the rows (one float per row, finite) is computed again, with a warning."""
     cache = Path(args.out) / "reference_logps.pt"
     if resume_from and cache.exists():
-        return torch.load(cache)
+        problem = None
+        try:
+            ref = torch.load(cache, map_location="cpu", weights_only=True)
+            sizes = {split: len(split_rows) for split, split_rows in rows.items()}
+            if not isinstance(ref, dict) or {k: v.shape for k, v in ref.items()} != {k: (n,) for k, n in sizes.items()}:
+                problem = f"it does not hold one log-prob per example of {sizes}"
+            elif not all(torch.isfinite(v).all() for v in ref.values()):
+                problem = "it holds NaN/inf"
+        except Exception as err:  # a damaged file raises anything from OSError to UnpicklingError
+            problem = f"{type(err).__name__}: {str(err)[:100]}"
+        if problem is None:
+            return ref
+        print(f"warning: {cache} is unusable ({problem}); computing the reference log-probs again", file=sys.stderr)
     reference = load_policy(args.ref_model or args.model, dtype=TRAIN_DTYPE, device=device)
     ref = {split: reference_logps(reference, split_rows, pad_id, args.batch_size, device)
            for split, split_rows in rows.items()}

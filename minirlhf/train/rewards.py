@@ -13,7 +13,12 @@ Adding a rule takes a few lines::
     @register_reward("short")
     def short_reward(prompts, responses, answers):
         return [-len(r.split()) / 10 for r in responses]
+
+Every reward's output is checked before it reaches a loss (``check_rewards``): one finite number per
+response, or a ``RewardError`` that names the reward and shows the offending prompts, responses and
+values. A NaN reward is a bug in the reward, never a learning rate too high.
 """
+import numbers
 import re
 
 import torch
@@ -70,8 +75,44 @@ def toy_gold_reward(prompts, responses, answers):
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
+class RewardError(MinirlhfError):
+    """A reward function returned something other than one finite number per response."""
+
+
+def check_rewards(name, values, rollout):
+    """``values`` (a list of numbers or a ``[B]`` tensor from reward ``name``) as a float32 ``[B]``
+    tensor on the rollout's device; raises ``RewardError`` unless it holds one finite number per
+    response, naming the reward, and each offending row's prompt, response and value (truncated)."""
+    rows, device = len(rollout["input_ids"]), rollout["input_ids"].device
+    if not torch.is_tensor(values):
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, numbers.Real) for v in values):
+            raise RewardError(f"reward {name!r} must return a list of numbers, one per response; got "
+                              f"{str(values)[:80]} ({type(values).__name__})")
+        values = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+    if values.shape != (rows,):
+        raise RewardError(f"reward {name!r} must return one number per response ({rows}), got shape {list(values.shape)}")
+    values = values.float()
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        prompts, responses = rollout.get("prompts"), rollout.get("responses")
+        shown = "; ".join(f"row {i}: prompt {_short(prompts, i)}, response {_short(responses, i)} -> {values[i].item()}"
+                          for i in bad[:3])
+        raise RewardError(
+            f"reward {name!r} returned {len(bad)} value(s) that are not finite numbers (of {rows} responses): {shown}"
+            f"{' ...' if len(bad) > 3 else ''}. A reward must be a finite number for every response: fix the "
+            "reward function (or the reward model); a smaller --lr cannot help. Nothing was trained on these values.")
+    return values
+
+
+def _short(texts, i, width=60):
+    if texts is None:
+        return "(not given)"
+    text = str(texts[i])
+    return repr(text if len(text) <= width else text[:width] + "…")
+
+
 class RuleReward:
-    """A registered rule as a rollout reward: ``reward(rollout) -> Tensor [B]`` (float32)."""
+    """A registered rule as a rollout reward: ``reward(rollout) -> Tensor [B]`` (float32, checked)."""
 
     def __init__(self, name):
         if name not in REWARD_FUNCTIONS:
@@ -80,7 +121,7 @@ class RuleReward:
 
     def __call__(self, rollout):
         values = self.fn(rollout["prompts"], rollout["responses"], rollout.get("answers"))
-        return torch.tensor(values, dtype=torch.float32, device=rollout["input_ids"].device)
+        return check_rewards(self.name, values, rollout)
 
 
 class RewardModelReward:
@@ -89,7 +130,8 @@ class RewardModelReward:
     The reward model reads the rollout's token ids directly, so it must share the policy's
     tokenizer (true for every RM trained from the same base model, as in the pipeline); a
     vocabulary smaller than the ids it is given is reported as an error. It is frozen and in eval
-    mode; scores come back as float32 ``[B]``.
+    mode; scores come back as float32 ``[B]``, checked to be finite (``check_rewards``), and weights
+    that are not finite are refused when it is loaded.
     """
 
     def __init__(self, model_or_path, device=None, dtype=None):
@@ -100,6 +142,10 @@ class RewardModelReward:
         if device is not None:
             self.model.to(device)
         self.model.eval().requires_grad_(False)
+        for parameter_name, parameter in self.model.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise RewardError(f"reward model {self.name}: its weights are not finite (NaN/inf in {parameter_name}); "
+                                  "it cannot score anything: retrain it, or resume its training from an earlier checkpoint")
 
     @torch.no_grad()
     def __call__(self, rollout):
@@ -111,7 +157,7 @@ class RewardModelReward:
                 f"({vocab_size}); the reward model must use the policy's tokenizer"
             )
         _, end_scores = self.model(input_ids=input_ids, attention_mask=rollout["attention_mask"])
-        return end_scores.float()
+        return check_rewards(self.name, end_scores.float(), rollout)
 
 
 def load_reward(spec, device=None, dtype=None):

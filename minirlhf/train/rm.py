@@ -168,9 +168,9 @@ def train_rm(args: RMArgs):
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
     if resume_from:
-        model = RewardModel.from_pretrained(resume_from, dtype=TRAIN_DTYPE, device=device)
+        model = RewardModel.from_pretrained(resume_from, dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     else:
-        model = RewardModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed)
+        model = RewardModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed, keep_dropout=args.keep_dropout)
     limits, kwise = data_limits(args), args.loss == "kwise"
     if kwise:
         load = lambda path: load_ranking_data(path, tokenizer, system_prompt=args.system_prompt, **limits)  # noqa: E731

@@ -110,7 +110,7 @@ def train_sft(args: SFTArgs):
     # 2. Tokenizer, model (from the checkpoint when resuming), data.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    model = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device)
+    model = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     data_kwargs = dict(template=args.template, tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_sft_data(args.data, **data_kwargs)
     eval_examples = load_sft_data(args.eval_data, **data_kwargs)[0] if args.eval_data else []
