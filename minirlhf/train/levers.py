@@ -66,7 +66,10 @@ def enable_gradient_checkpointing(model):
     target = getattr(model, "backbone", model)
     if not getattr(target, "supports_gradient_checkpointing", False):
         raise MinirlhfError(f"--gradient-checkpointing: {type(target).__name__} does not support it")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -14,6 +14,7 @@ when they are logged (``metrics.TrainingLog``). Under fp16 a ``precision.LossSca
 loss, and a gradient that overflows skips the step (counted) instead of stopping the run.
 """
 import math
+import warnings
 
 import torch
 
@@ -130,10 +131,10 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm, *, guard, step, e
         guard.check(grad_norm, "the gradient norm", step, example_ids)
     guard.stop_if_diverged()
     lr = optimizer.param_groups[0]["lr"]
-    if scaler is not None:
-        scaler.step(optimizer)
-    else:
-        optimizer.step()
-    scheduler.step()
+    skipped = scaler.step(optimizer) if scaler is not None else optimizer.step()
+    with warnings.catch_warnings():  # torch warns when a schedule steps past an optimizer that skipped
+        if skipped:
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "lr": lr, **(scaler.metrics() if scaler is not None else {})}
