@@ -177,11 +177,11 @@ def test_a_run_that_crashed_before_its_first_checkpoint_is_started_over(qwen2_ch
 
     out, real_loss, calls = tmp_path / "run", sft_module.sft_loss, []
 
-    def crash_at_step_3(model, batch, *logprobs):
+    def crash_at_step_3(model, batch):
         calls.append(1)  # evaluations at steps 0 and 2 take 2 calls each, a training step 1
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return real_loss(model, batch, *logprobs)
+        return real_loss(model, batch)
 
     monkeypatch.setattr(sft_module, "sft_loss", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):

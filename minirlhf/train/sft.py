@@ -26,6 +26,7 @@ From Python: ``train_sft(SFTArgs(model=..., data=..., out=...))`` returns the sa
 """
 import dataclasses
 import sys
+from functools import partial
 import typing
 
 import torch
@@ -132,6 +133,8 @@ def train_sft(args: SFTArgs):
     def save(done):
         return save_checkpoint(args.out, done, model, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
+    loss_fn = partial(sft_loss, logprobs=policy_logprobs(args)) if args.fused_head else sft_loss
+
     # 4. The loop; `step` optimizer steps are done at the top of each pass.
     with TrainingLog(args, start, total, last, desc="sft") as log:
         for step in range(start, last + 1):
@@ -156,7 +159,7 @@ def train_sft(args: SFTArgs):
             for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
                 with gradient_sync(dp_model, last=k == len(micro) - 1):  # ranks average gradients once per step
                     with precision.autocast():
-                        loss, loss_metrics = sft_loss(dp_model, batch, policy_logprobs(args))
+                        loss, loss_metrics = loss_fn(dp_model, batch)
                     backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids,
                                       scaler=precision.scaler)
             metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm, guard=guard, step=step,
