@@ -69,7 +69,7 @@ ALGORITHMS = {  # trained models, inference models ("policy"/"critic"/"reference
 }
 # name: (LoRA, gradient checkpointing, reference/reward in the compute dtype, fused LM head, AdamW)
 METHODS = {
-    "full fine-tune (today)": (False, False, False, False, "foreach"),
+    "full, ref/RM in float32 (before the levers)": (False, False, False, False, "foreach"),
     "full, ref/RM in compute dtype": (False, False, True, False, "foreach"),
     "full + grad. checkpointing": (False, True, True, False, "foreach"),
     "full + grad. ckpt + fused head + fused AdamW": (False, True, True, True, "fused"),

@@ -10,6 +10,7 @@ is what rank 0, alone, logs.
 import csv
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from minirlhf.data.atomic import atomic_file
@@ -24,7 +25,8 @@ class MetricsLogger:
     """Logs scalar metrics per step to ``out/<split>.csv`` and TensorBoard ``<split>/<name>``.
 
     ``log(step, metrics, split="train")``: one CSV row (columns grow as new metric names
-    appear) and one TensorBoard scalar per metric. ``step`` counts optimizer steps done. When
+    appear) and one TensorBoard scalar per metric; a step logged twice in a row keeps the second
+    row. ``step`` counts optimizer steps done. When
     resuming after ``start_step`` steps, rows and events the interrupted run logged after its
     checkpoint (steps ``> start_step``) are dropped, so the curves have no duplicates; so is a
     last line that a crash cut short (``read_complete_rows``).
@@ -62,8 +64,12 @@ class MetricsLogger:
         rows = self.rows.setdefault(split, [])
         path = self.out / f"{split}.csv"
         old_columns = list(rows[0].keys()) if rows else None
-        rows.append(row)
-        if old_columns is not None and set(row) <= set(old_columns) and path.exists():
+        replaced = bool(rows) and float(rows[-1]["step"]) == step  # logged again (a resumed run's evaluation)
+        if replaced:
+            rows[-1] = row
+        else:
+            rows.append(row)
+        if not replaced and old_columns is not None and set(row) <= set(old_columns) and path.exists():
             with open(path, "a", newline="") as f:  # same columns: append one line
                 columns = ["step"] + sorted(set(old_columns) - {"step"})
                 csv.DictWriter(f, fieldnames=columns).writerow(row)
@@ -139,7 +145,7 @@ class TrainingLog:
 
     def train(self, done, metrics):
         if done % self.every == 0 or done == self.last:
-            metrics = mean_over_ranks(metrics)  # every rank takes part; rank 0 writes
+            metrics = mean_over_ranks(as_numbers(metrics))  # every rank takes part; rank 0 writes
             if self.logger is not None:
                 self.logger.log(done, metrics)
             self.bar.set_postfix(postfix(metrics), refresh=False)
@@ -147,7 +153,7 @@ class TrainingLog:
 
     def eval(self, done, metrics):
         if self.logger is not None:
-            self.logger.log(done, metrics, split="eval")
+            self.logger.log(done, as_numbers(metrics), split="eval")
 
     def __enter__(self):
         return self
@@ -158,13 +164,23 @@ class TrainingLog:
             self.logger.close()
 
 
+def as_numbers(metrics):
+    """``metrics`` with every tensor value read back as a Python float, all in one host sync (the
+    trainers accumulate their metrics as tensors on the device: see ``optim.py``)."""
+    tensors = {k: v.detach().double().reshape(()) for k, v in metrics.items() if torch.is_tensor(v)}
+    if not tensors:
+        return dict(metrics)
+    device = next((v.device for v in tensors.values() if v.device.type != "cpu"), torch.device("cpu"))
+    values = torch.stack([v.to(device) for v in tensors.values()]).tolist()
+    return {**metrics, **dict(zip(tensors, values))}
+
+
 def eval_due(args, done, start, total):
     """Whether to evaluate after ``done`` steps: every ``--eval-every`` steps (from step 0 of a
     new run), and once at the end when the periodic ones do not land on it (with
-    ``--eval-every 0``: only at the end). A resumed run already has the evaluation that was due
-    at ``start``: its interrupted run evaluated before it checkpointed."""
-    if done == start and start > 0:
-        return False
+    ``--eval-every 0``: only at the end). The trainers checkpoint before they evaluate, so a
+    resumed run evaluates again at ``start`` when it is due (the interrupted run may have stopped in
+    between; the same weights give the same row, which replaces the old one)."""
     periodic = args.eval_every > 0 and done % args.eval_every == 0
     final = done == total and (args.eval_every <= 0 or total % args.eval_every != 0)
     return periodic or final

@@ -31,11 +31,11 @@ from minirlhf.core.grpo import rloo_advantages
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
 from minirlhf.data.prompts import PromptSet
-from minirlhf.models.forward import response_logprobs, rollout_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
-from minirlhf.train.args import TrainArgs, parse_args
+from minirlhf.train.args import PolicyTrainArgs, parse_args
 from minirlhf.train.batches import micro_batches, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
@@ -45,12 +45,14 @@ from minirlhf.train.metrics import TrainingLog, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
 from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs, reference_policy
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class RLOOArgs(TrainArgs):
+class RLOOArgs(PolicyTrainArgs):
     """RLOO: REINFORCE with a leave-one-out baseline and the KL penalty in the reward."""
 
     reward: str = "math"
@@ -81,8 +83,8 @@ class RLOOArgs(TrainArgs):
 
 def reinforce_loss(policy, batch, args):
     """``−mean_i Â_i · log π_θ(y_i|x_i)`` on one micro-batch; returns ``(loss, metrics)``."""
-    logprobs, mask = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                       temperature=args.temperature)
+    logprobs, mask = policy_logprobs(args)(policy, batch["input_ids"], batch["attention_mask"],
+                                           batch["response_mask"], temperature=args.temperature)
     loss = -(batch["advantages"] * sequence_logprobs(logprobs, mask)).mean()
     return loss, {}
 
@@ -97,12 +99,14 @@ def train_rloo(args: RLOOArgs):
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "rloo")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), frozen reference
+    #    (with LoRA: the policy's adapters off), reward, prompts.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
-    reward_fn = load_reward(args.reward, device=device)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
+    reference = reference_policy(args, policy, device, precision.dtype)
+    reward_fn = load_reward(args.reward, device=device, dtype=precision.dtype)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
@@ -112,8 +116,11 @@ def train_rloo(args: RLOOArgs):
     dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     last = last_step(args, args.steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -121,12 +128,12 @@ def train_rloo(args: RLOOArgs):
         for iteration in range(start, last + 1):
             # 4.1 Checkpoint; stop.
             if checkpoint_due(args, iteration, start, last):
-                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+                save(iteration)
             if iteration == last:
                 break
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Rollout; reward; log-probs under π_old and π_ref.
-            with autocast(device):
+            with precision.autocast():
                 rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
                                             args.max_new_tokens, n_per_prompt=args.group_size, temperature=args.temperature)
                 scores = reward_fn(rollout)
@@ -145,11 +152,12 @@ def train_rloo(args: RLOOArgs):
             metrics = {}
             for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
                 with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
-                    with autocast(device):
+                    with precision.autocast():
                         loss, loss_metrics = reinforce_loss(dp_policy, batch, args)
-                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
-            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                          guard=guard, step=iteration, example_ids=rows))
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids,
+                                      scaler=precision.scaler)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=iteration,
+                                          example_ids=rows, scaler=precision.scaler))
             # 4.5 Log.
             metrics.update({
                 "reward": float(scores.mean()),
