@@ -81,7 +81,8 @@ class PPOArgs(PolicyTrainArgs):
     batch_size: int = 32
     """Prompts (= responses) per rollout."""
     minibatch_size: int = 16
-    """Responses per optimizer step; batch_size / minibatch_size steps per PPO epoch."""
+    """Responses per optimizer step; batch_size / minibatch_size steps per PPO epoch (0 = the whole
+    batch: one step per epoch)."""
     micro_batch_size: int = 0
     """Responses per forward/backward pass inside a minibatch (0 = the whole minibatch)."""
     ppo_epochs: int = 2
@@ -180,8 +181,9 @@ def train_ppo(args: PPOArgs):
                             "`python -m minirlhf rm`) or a rule name (math, gold)")
     if args.ptx_coef > 0 and args.ptx_data is None:
         raise MinirlhfError("--ptx-coef > 0 needs --ptx-data (an SFT file)")
-    if args.batch_size % args.minibatch_size:
-        raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    minibatch_size = args.minibatch_size or args.batch_size
+    if args.batch_size % minibatch_size:
+        raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {minibatch_size}")
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "ppo")
     device = select_device(args.device)
@@ -210,10 +212,10 @@ def train_ppo(args: PPOArgs):
     # 3. Data parallelism (each rank: its share of the prompts, then of every minibatch); one optimizer
     #    over policy and critic, its schedule in optimizer steps; resume state (+ the critic and β).
     dp_models = data_parallel(policy, args.fsdp, False), data_parallel(critic, args.fsdp, False)
-    rank_batch, rank_minibatch = per_rank(args.batch_size), per_rank(args.minibatch_size, "--minibatch-size")
+    rank_batch, rank_minibatch = per_rank(args.batch_size), per_rank(minibatch_size, "--minibatch-size")
     models = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(models.parameters(), args.lr, args.weight_decay)
-    updates = args.ppo_epochs * args.batch_size // args.minibatch_size
+    updates = args.ppo_epochs * args.batch_size // minibatch_size
     scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
     start, beta = 0, args.beta
     if resume_from:
