@@ -67,6 +67,9 @@ CARELESS = {
     "core/kl.py": f"\nimport subprocess as _subprocess\n_subprocess.Popen(['sleep', '{SLEEPER}'])\n",
     "models/reward_model.py": "\nwhile True:\n    pass\n",
     "data/templates.py": "\n\ndef homework_template(record:\n    return None\n",
+    # 12 GiB of address space, never touched: only the worker's memory limit stops it.
+    "core/aggregation.py": "\n\ndef aggregate_token_losses(*args, **kwargs):\n"
+                           "    __import__('torch').empty(3 * 2**30)\n    raise ValueError('no memory limit')\n",
     # An honest leftover, and a masked_mean that only forgets the all-masked row.
     "core/masked.py": "\ntorch.set_default_dtype(torch.float64)\n\n\ndef masked_mean(x, mask, dim=None):\n"
                       "    kept = torch.where(mask.bool(), x, torch.zeros_like(x))\n"
@@ -95,7 +98,7 @@ def test_a_class_solutions_full_marks_careless_faults_cost_only_their_exercise(t
     assert careless["kl"]["passed"]  # its planted child is no grading matter...
     assert not any(SLEEPER in _cmdline(pid) for pid in _pids())  # ...and it did not survive the exercise
     for name, message in [("gae", "timed out"), ("simpo", "exit status 3"), ("rm_end_score", "failed to import"),
-                          ("template", "SyntaxError")]:
+                          ("template", "SyntaxError"), ("aggregation", "allocate")]:
         assert careless[name]["points"] == 0 and message in json.dumps(careless[name]["failures"]), careless[name]
     logprobs = careless["logprobs"]  # shift and gather pass; sequence_logprobs segfaults
     assert 0 < logprobs["points"] < logprobs["max_points"] and "SIGSEGV" in json.dumps(logprobs["failures"])
