@@ -117,7 +117,7 @@ def optimizer_step(policy, optimizer, scheduler, loss_fn, batch, device):
     guard = DivergenceGuard(lambda: None)
     metrics = forward_backward(loss_fn, batch, device, guard, step=0)
     adamw_step(policy, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=[0])
-    return metrics["loss"]
+    return float(metrics["loss"])
 
 
 def make_optimizer(policy):

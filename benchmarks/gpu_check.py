@@ -13,7 +13,8 @@ only; the JSON is rewritten after every section, so a crash keeps what was measu
 3. ``train_dpo_<variant>`` (20 steps) and ``train_grpo_<variant>`` (10 steps): the trainers'
    command lines (``python -m minirlhf dpo|grpo``) on a random Qwen2.5-0.5B-shaped model and
    random-word data (``common.write_word_setup``), with wall time and
-   ``torch.cuda.max_memory_allocated``; one run per entry of ``TRAIN_VARIANTS``.
+   ``torch.cuda.max_memory_allocated``; one DPO run per entry of ``TRAIN_VARIANTS`` (bf16, fp16,
+   gradient checkpointing, LoRA r = 16, fused head), GRPO for those in ``GRPO_VARIANTS``.
 
 ``--tiny`` shrinks every section (the CPU-sized model, a few steps) so that ``--device cpu
 --tiny`` runs the same code in under a minute; ``tests/test_gpu_check.py`` runs it.
@@ -34,14 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py; it also puts the repository on sys.path)
 
 BENCHMARKS = Path(common.REPO_ROOT) / "benchmarks"
-# Extra command-line flags per training run: bf16 autocast is the trainers' CUDA default. The
-# levers of issue 13 add one line each once the trainers take them, e.g.
-#   "fp16": ["--precision", "fp16"],
-#   "gradient-checkpointing": ["--gradient-checkpointing"],
-#   "lora": ["--lora-r", "16"],
+# Extra command-line flags per training run, one run of DPO each (the memory levers: README,
+# "Memory on one GPU"); the variants in GRPO_VARIANTS run GRPO too. bf16 is what --precision auto
+# picks on a GPU that has it; fp16 (with loss scaling) is what a T4 gets.
 TRAIN_VARIANTS = {
-    "bf16": [],
+    "bf16": ["--precision", "bf16"],
+    "fp16": ["--precision", "fp16"],
+    "checkpointing": ["--precision", "bf16", "--gradient-checkpointing"],
+    "lora16": ["--precision", "bf16", "--lora-rank", "16"],
+    "fused_head": ["--precision", "bf16", "--fused-head"],
 }
+GRPO_VARIANTS = ("bf16", "fp16", "lora16")
 
 
 def sections(args, setup, scratch):
@@ -84,7 +88,8 @@ def sections(args, setup, scratch):
                 "prompt", "--reward", "math", "--steps", str(grpo_steps), "--batch-size", "2" if tiny else "8",
                 "--group-size", "2" if tiny else "8", "--max-new-tokens", "8" if tiny else "64",
                 "--lr", "1e-6", "--out", str(scratch / f"grpo_{variant}"), *device, *flags]
-        for name, argv in ((f"train_dpo_{variant}", dpo), (f"train_grpo_{variant}", grpo)):
+        runs = [(f"train_dpo_{variant}", dpo)] + ([(f"train_grpo_{variant}", grpo)] if variant in GRPO_VARIANTS else [])
+        for name, argv in runs:
             out = scratch / f"{name}.json"
             result.append((name, [python, os.path.abspath(__file__), "--train-worker", str(out), "--",
                                   *argv, "--no-progress", "--no-tensorboard"], 150, out))

@@ -47,7 +47,9 @@ import common  # noqa: E402  (benchmarks/common.py; it also puts the repository 
 GIB = 2**30
 FP32 = 4
 FUSED_CHUNK_BYTES = 2 * 128 * 2**20  # two float32 chunks (minirlhf/core/fused_logprobs.py)
-GATHER_CHUNK_FRACTION = 1 / 12  # one float32 chunk of the logits (minirlhf/core/logprobs.py)
+# gather_logprobs' float32 chunk: 1/12 of the logits' bytes (12 chunks of float32 logits, 24 of bf16
+# ones, whose float32 chunk weighs twice its share; minirlhf/core/logprobs.py)
+GATHER_CHUNK_FRACTION = 1 / 12
 
 # config.json of Qwen/Qwen2.5-0.5B-Instruct, verbatim (the base model's differs only in
 # eos_token_id 151643 and max_window_layers 24): 494,032,768 parameters.
@@ -67,7 +69,7 @@ ALGORITHMS = {  # trained models, inference models ("policy"/"critic"/"reference
 }
 # name: (LoRA, gradient checkpointing, reference/reward in the compute dtype, fused LM head, AdamW)
 METHODS = {
-    "full fine-tune (today)": (False, False, False, False, "foreach"),
+    "full, ref/RM in float32 (before the levers)": (False, False, False, False, "foreach"),
     "full, ref/RM in compute dtype": (False, False, True, False, "foreach"),
     "full + grad. checkpointing": (False, True, True, False, "foreach"),
     "full + grad. ckpt + fused head + fused AdamW": (False, True, True, True, "fused"),
@@ -126,7 +128,7 @@ def step_memory(config, counts, algorithm, lora, checkpointing, inference_in_com
         logits = FUSED_CHUNK_BYTES
     else:
         one = logit_rows * config.vocab_size * compute_bytes
-        logits = 2 * one + logit_rows * config.vocab_size * FP32 * GATHER_CHUNK_FRACTION  # logits, gradient, chunk
+        logits = (2 + GATHER_CHUNK_FRACTION) * one  # logits, their gradient, gather_logprobs' chunk
     head_gradient = 0 if lora else head * FP32 * (1 if compute_bytes == FP32 else 1 + compute_bytes / FP32)
     dense_embedding_gradient = head * FP32 if (counts["tied"] and not lora) else 0
     if optimizer_temporaries == "foreach":

@@ -6,13 +6,17 @@ only the exercises they are about, with a short ``--timeout``.
 """
 import csv
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from minirlhf.errors import MinirlhfError
-from minirlhf.homework import grade, isolation
+from minirlhf.homework import build, grade, isolation
 from minirlhf.homework.exercises import BY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +67,9 @@ CARELESS = {
     "core/kl.py": f"\nimport subprocess as _subprocess\n_subprocess.Popen(['sleep', '{SLEEPER}'])\n",
     "models/reward_model.py": "\nwhile True:\n    pass\n",
     "data/templates.py": "\n\ndef homework_template(record:\n    return None\n",
+    # 12 GiB of address space, never touched: only the worker's memory limit stops it.
+    "core/aggregation.py": "\n\ndef aggregate_token_losses(*args, **kwargs):\n"
+                           "    __import__('torch').empty(3 * 2**30)\n    raise ValueError('no memory limit')\n",
     # An honest leftover, and a masked_mean that only forgets the all-masked row.
     "core/masked.py": "\ntorch.set_default_dtype(torch.float64)\n\n\ndef masked_mean(x, mask, dim=None):\n"
                       "    kept = torch.where(mask.bool(), x, torch.zeros_like(x))\n"
@@ -91,7 +98,7 @@ def test_a_class_solutions_full_marks_careless_faults_cost_only_their_exercise(t
     assert careless["kl"]["passed"]  # its planted child is no grading matter...
     assert not any(SLEEPER in _cmdline(pid) for pid in _pids())  # ...and it did not survive the exercise
     for name, message in [("gae", "timed out"), ("simpo", "exit status 3"), ("rm_end_score", "failed to import"),
-                          ("template", "SyntaxError")]:
+                          ("template", "SyntaxError"), ("aggregation", "allocate")]:
         assert careless[name]["points"] == 0 and message in json.dumps(careless[name]["failures"]), careless[name]
     logprobs = careless["logprobs"]  # shift and gather pass; sequence_logprobs segfaults
     assert 0 < logprobs["points"] < logprobs["max_points"] and "SIGSEGV" in json.dumps(logprobs["failures"])
@@ -249,6 +256,30 @@ def test_the_table_lists_every_failure_with_staged_hints(monkeypatch, capsys, tm
     row = json.loads(capsys.readouterr().out)["exercises"][0]
     assert list(row) == ["name", "passed", "points", "max_points", "checks_passed", "checks_total", "message",
                          "failures", "cpu_seconds"]
+
+
+def test_the_handout_checks_itself_in_process(tmp_path):
+    # A student has the handout and the installed package, no tests/: `grade --in-process`, run from
+    # the handout folder, checks a solved exercise and shows an untouched one's NotImplementedError
+    # with the traceback into the student's file.
+    handout = tmp_path / "handout"
+    build.write_handout(handout)
+    shutil.copytree(handout / "exercises", handout / "my_homework")
+    shutil.copy(REPO / "solutions" / "core" / "gae.py", handout / "my_homework" / "core" / "gae.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
+    argv = [sys.executable, "-m", "minirlhf", "grade", "my_homework", "--in-process", "--exercise", "gae",
+            "--exercise", "masked"]
+    run = subprocess.run(argv, cwd=handout, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert not any((handout / name).exists() for name in ("tests", "solutions", "minirlhf"))
+    gae, masked = BY_NAME["gae"], BY_NAME["masked"]
+    n_gae, n_masked = len(gae.checks()), len(masked.checks())
+    assert re.search(rf"gae\s+{gae.points}\.0 / {gae.points}\s+{n_gae}/{n_gae}\s+checks\s+pass", run.stdout), run.stdout
+    assert re.search(rf"masked\s+0\.0 / {masked.points}\s+0/{n_masked}\s+checks\s+FAIL", run.stdout), run.stdout
+    assert "Traceback (most recent call last)" in run.stdout and "my_homework/core/masked.py" in run.stdout
+    assert "NotImplementedError: masked_mean: see the docstring's formula and hint" in run.stdout
+    with pytest.raises(SystemExit):  # debugging is for one folder; a class is graded in the sandbox
+        grade.main(["--all", str(handout), "--in-process"])
 
 
 def _pids():

@@ -142,7 +142,8 @@ def test_handout_has_the_exercises_and_notebooks_and_no_solutions(tmp_path, caps
     assert build.main(["--handout", str(tmp_path / "handout")]) == 0
     files = {p.relative_to(tmp_path / "handout").as_posix() for p in (tmp_path / "handout").rglob("*") if p.is_file()}
     assert {"exercises/README.md", "exercises/QUESTIONS.md", "exercises/core/gae.py", "exercises/homework/steps.py",
-            "exercises/find_the_bug/shift.py", "notebooks/01_lm_as_policy.ipynb"} <= files
+            "exercises/find_the_bug/shift.py", "notebooks/01_lm_as_policy.ipynb",
+            "notebooks/tensor_memory.py"} <= files  # the notebooks' memory meter travels with them
     assert not any(f.startswith("solutions") or f.endswith("ANSWERS.md") for f in files)
     gae = (tmp_path / "handout" / "exercises" / "core" / "gae.py").read_text()
     assert "NotImplementedError" in gae and "next_advantage" not in gae  # no solution body

@@ -1,4 +1,5 @@
-"""README.md stays true: every `python -m minirlhf <command> ...` line in it parses."""
+"""README.md stays true: every `python -m minirlhf <command> ...` line in it parses, and so does every
+`torchrun ... -m minirlhf <command> ...` line."""
 import dataclasses
 import importlib
 import re
@@ -19,8 +20,9 @@ def readme_commands():
     text = README.read_text().replace("\\\n", " ")
     variables = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M))
     commands = []
-    for line in re.findall(r"python -m minirlhf [^\n&|]*", text):
-        argv = shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], line))[3:]
+    lines = re.findall(r"python -m minirlhf [^\n&|]*", text) + re.findall(r"(?<=torchrun )[^\n&|]*-m minirlhf [^\n&|]*", text)
+    for line in lines:  # `python -m minirlhf CMD ...`, and torchrun's `... -m minirlhf CMD ...`
+        argv = shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], line.split("-m minirlhf ", 1)[1]))
         if argv and argv[0] in COMMANDS and argv[0] not in OWN_PARSER and "--help" not in argv:
             commands.append(argv)
     return commands

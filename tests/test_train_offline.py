@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from minirlhf import __main__ as cli
 from minirlhf.errors import MinirlhfError
@@ -14,36 +14,6 @@ from minirlhf.train.kto import KTOArgs, train_kto
 from minirlhf.train.metrics import read_metrics
 from minirlhf.train.rm import RMArgs, train_rm
 from minirlhf.train.sft import SFTArgs, train_sft
-
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """A tiny Qwen2 (hidden 32, 1 layer) with the toy tokenizer, and small toy-world data files."""
-    from minirlhf.toy.corpus import CorpusSizes, build_corpus
-    from minirlhf.toy.language import gold_reward
-    from minirlhf.toy.tokenizer import save_toy_tokenizer
-
-    root = tmp_path_factory.mktemp("toy")
-    tokenizer = save_toy_tokenizer(root / "model")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(root / "model")
-    corpus = build_corpus(0, root / "data", CorpusSizes(pref_train=48, pref_test=16, pku_train=8, sft_train=48,
-                                                        sft_test=16, kto_train=48, prompts=8, eval_prompts=8))
-    # K-wise rankings: 3 responses per prompt from the preference file, best first by the gold reward.
-    pairs = [json.loads(line) for line in corpus.pref_train.read_text().splitlines()]
-    rankings = []
-    for a, b in zip(pairs[::2], pairs[1::2]):
-        responses = [a["response_1"], a["response_2"], b["response_1"]]
-        rankings.append({"prompt": a["question"],
-                         "responses": sorted(responses, key=lambda y: -gold_reward(a["question"], y))})
-    (root / "data" / "rankings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
-    return {"model": str(root / "model"), "data": corpus, "root": root, "rankings": str(root / "data" / "rankings.jsonl")}
-
 
 FAST = dict(progress=False, tensorboard=False, seed=0, max_len=64, warmup_ratio=0.0, lr_schedule="constant")
 

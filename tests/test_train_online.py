@@ -340,6 +340,18 @@ def test_ppo_smoke_with_reward_model_and_gold_logging(qwen2_checkpoint, prompt_f
     assert (out / "critic" / "model.safetensors").exists()
 
 
+def test_ppo_minibatch_size_zero_is_the_whole_batch(qwen2_checkpoint, prompt_file, reward_model_dir, tmp_path):
+    from minirlhf.train.ppo import PPOArgs, train_ppo
+
+    def final_weights(name, minibatch_size):
+        path = train_ppo(PPOArgs(model=str(qwen2_checkpoint), data=prompt_file, reward=reward_model_dir,
+                                 out=str(tmp_path / name), steps=1, batch_size=2, minibatch_size=minibatch_size, **FAST))
+        return load_policy(path).state_dict()
+
+    whole, zero = final_weights("whole", 2), final_weights("zero", 0)  # 0 used to divide by zero
+    assert all(torch.equal(whole[name], zero[name]) for name in whole)
+
+
 def test_grpo_rloo_online_dpo_smoke(qwen2_checkpoint, prompt_file, reward_model_dir, tmp_path):
     from minirlhf.train.grpo import GRPOArgs, train_grpo
     from minirlhf.train.online_dpo import OnlineDPOArgs, train_online_dpo

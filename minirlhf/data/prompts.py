@@ -44,7 +44,9 @@ class PromptSet:
         self.schedule = BatchSchedule(len(self.examples), batch_size, 1.0, seed)
         self.texts = [prompt_text(e["prompt"]) for e in self.examples]
 
-    def batch(self, iteration, device):
+    def batch(self, iteration, device, share=None):
         """Iteration ``iteration``'s prompts: ``input_ids``, ``attention_mask`` ``[B0, P]``
-        (left-padded), ``prompts`` (the user requests as text) and ``answers`` (or None each)."""
-        return prompt_batch([self.examples[i] for i in self.schedule.batch(iteration)], self.pad_id, device)
+        (left-padded), ``prompts`` (the user requests as text) and ``answers`` (or None each).
+        ``share`` picks this process's part of the prompt indices (data parallelism: ``rank_share``)."""
+        indices = self.schedule.batch(iteration)
+        return prompt_batch([self.examples[i] for i in (share(indices) if share else indices)], self.pad_id, device)

@@ -69,15 +69,22 @@ def judge(check, x, record, reference, memo=None):
     return failures
 
 
-def run_in_process(check, f, reference):
-    """pytest's path (no isolation): run ``check`` on ``f`` here and raise AssertionError with the
-    same messages the grader prints."""
+def check_in_process(check, f, reference, origin=None):
+    """Run ``check`` on ``f`` in this process (no isolation) and judge it: ``(failure messages, the
+    traceback of the error the call raised, or None)``; no failures: it passed."""
     x = check.inputs()
-    record = execute(check, f, clone(x))
+    record = execute(check, f, clone(x), origin)
     failures = judge(check, x, record, reference)
+    return failures, (record.get("error") or {}).get("traceback") if failures else None
+
+
+def run_in_process(check, f, reference):
+    """pytest's path: ``check_in_process``, raising AssertionError with the grader's messages (and the
+    call's traceback) when the check fails."""
+    failures, trace = check_in_process(check, f, reference)
     if failures:
         hint = f"\nhint: {check.hint}" if check.hint else ""
-        raise AssertionError(f"{check.name}\n" + "\n".join(failures) + hint)
+        raise AssertionError(f"{check.name}\n" + "\n".join(failures) + hint + (f"\n{trace}" if trace else ""))
 
 
 _MISSING = object()

@@ -1,11 +1,14 @@
 """Run one check's call on a submission and turn what it returns (or raises) into plain data.
 
-The same code runs in the grader's worker process (``worker.py``) and in pytest
-(``compare.run_in_process``, the students' debugging path), so a check means the same in both.
+The same code runs in the grader's worker process (``worker.py``) and in the in-process paths
+(``grade --in-process`` and pytest's ``compare.run_in_process``: the students' debugging paths), so
+a check means the same in all of them.
 """
 import traceback
 
 import torch
+
+TRACEBACK_FRAMES = 30  # a runaway recursion's traceback is cut to its last frames
 
 
 class ExerciseTimeout(BaseException):
@@ -31,21 +34,30 @@ def execute(check, f, x, origin=None):
 
 
 def describe(err, origin=None):
-    """An exception as data: its type and base types (for ``raises``), message, and where."""
+    """An exception as data: its type and base types (for ``raises``), message, where, and the
+    traceback from the check's call down (this module's frame left out; the last ``TRACEBACK_FRAMES``
+    frames), which the in-process paths print."""
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__) if frame.filename != __file__]
     where = None
     if origin is not None:
-        for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        for frame in reversed(frames):
             label = origin(frame.filename)
             if label:
                 where = f"{label}:{frame.lineno}"
                 break
-    message = str(err)
+    message = _cut(str(err))
+    shown = traceback.format_list(frames[-TRACEBACK_FRAMES:])
     return {
         "type": type(err).__name__,
         "types": [cls.__name__ for cls in type(err).__mro__],
-        "message": message if len(message) < 2000 else message[:2000] + " ...",
+        "message": message,
         "where": where,
+        "traceback": "Traceback (most recent call last):\n" + "".join(shown) + f"{type(err).__name__}: {message}",
     }
+
+
+def _cut(text, limit=2000):
+    return text if len(text) < limit else text[:limit] + " ..."
 
 
 def plain(value):

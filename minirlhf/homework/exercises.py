@@ -134,8 +134,8 @@ EXERCISES = (
               "choice_field(record, 'preferred', ('a', 'b')); chosen = the named output, rejected = the other."),),
 )
 BY_NAME = {exercise.name: exercise for exercise in EXERCISES}
-# Chapter 10 (best-of-n, reward-model calibration, online DPO / RLOO) is being written; its
-# exercises join this list, in chapter order, when it lands.
+# Chapters 10-13 (best-of-n and calibration, online DPO / RLOO, many GPUs, fitting one GPU) add no
+# graded exercise: they reuse the ones above (README.md, "Homework", has the whole student path).
 
 
 def exercise_of(function):

@@ -8,24 +8,37 @@ exercise's hints come in stages (``--explain`` once or twice shows more, the for
 How it runs (``judge.py``): one fresh worker process per (submission, exercise), in a temporary
 folder outside this tree, sandboxed where the platform allows (``isolation.py``), with a CPU-time
 budget (``--timeout``) and a wall-clock watchdog; it hands back plain tensors and JSON, and this
-process, which never imports a submission, judges them.
+process, which never imports a submission, judges them. ``--in-process`` (``grade_in_process``) is
+the students' debugging path instead: the same checks, points and messages, run in this process on
+the folder's files, with each error's traceback and ``breakpoint()`` working; no sandbox, no time
+limit, no grade. It needs only the installed package, so it works from the handout.
 
     python -m minirlhf grade my_homework                     # the student's view: table + hints
     python -m minirlhf grade my_homework --exercise gae      # one exercise
+    python -m minirlhf grade my_homework --in-process        # debugging: in this process, with tracebacks
     python -m minirlhf grade --all submissions --out grades  # grades/<student>.json + grades.csv
     python -m minirlhf grade submissions/alice --json        # for course tooling
 """
 import argparse
 import csv
+import importlib
 import json
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from minirlhf.errors import MinirlhfError
 from minirlhf.homework import isolation
+from minirlhf.homework.compare import check_in_process
 from minirlhf.homework.exercises import BY_NAME, EXERCISES
+from minirlhf.homework.impl import load_implementation
+
+IN_PROCESS = "in-process"
+DESCRIPTIONS = {**isolation.DESCRIPTIONS, IN_PROCESS: (
+    "none: checked in this process, for debugging (no sandbox, no time limit, calls to minirlhf's own version "
+    "of a graded function not blocked); your grade is what `python -m minirlhf grade` without --in-process says")}
 
 
 def grade(paths, exercises=EXERCISES, timeout=60.0, jobs=1, sandbox="auto"):
@@ -63,6 +76,42 @@ def grade(paths, exercises=EXERCISES, timeout=60.0, jobs=1, sandbox="auto"):
     return results
 
 
+def grade_in_process(path, exercises=EXERCISES):
+    """``grade``'s object for one folder, with every check run in this process (the students'
+    debugging path): each failure that raised also carries ``"traceback"``, from the check's call
+    down to the line of the submission that raised. Not isolated: one exercise's side effects
+    (``torch.set_default_dtype``) reach the next, an endless loop runs until Ctrl-C, and a function
+    that calls minirlhf's own version passes here (``grade`` scores it 0)."""
+    root = Path(path).resolve()
+    if not root.is_dir():
+        raise MinirlhfError(f"grade {path}: no such folder (a submission is a folder laid out like exercises/)")
+    implementation = load_implementation(root)
+
+    def origin(filename):
+        try:
+            return Path(filename).resolve().relative_to(root).as_posix()
+        except ValueError:
+            return None
+
+    rows = []
+    for exercise in exercises:
+        functions = implementation.find_the_bug if exercise.file.startswith("find_the_bug/") else implementation
+        reference = importlib.import_module(exercise.reference)
+        start, checks, traces = time.process_time(), [], []
+        for check in exercise.checks():
+            failures, trace = check_in_process(check, functions, reference, origin)
+            checks.append((check.name, not failures, failures))
+            if failures:
+                traces.append(trace)
+        row = score(exercise, {"checks": checks, "cpu_seconds": round(time.process_time() - start, 2)})
+        for failure, trace in zip(row["failures"], traces):
+            if trace:
+                failure["traceback"] = trace
+        rows.append(row)
+    return {"total": round(sum(r["points"] for r in rows), 1), "max": sum(ex.points for ex in exercises),
+            "isolation": IN_PROCESS, "exercises": rows}
+
+
 def score(exercise, outcome):
     """One exercise's row: points pro rata of the checks passed, and every failure."""
     checks = outcome["checks"]
@@ -86,19 +135,46 @@ def _summary(passed, total, failures):
     return f"{passed}/{total} checks passed; first failure: {first['check']}: {first['messages'][0].splitlines()[0]}"
 
 
+def _failure_details(result):
+    """``--in-process``'s account of the failures, as pytest would show it: each failing check in full
+    (every message, the check's hint, the traceback of what it raised). Checks that raised the very
+    same error (e.g. a NotImplementedError: not written yet) show the first of them."""
+    lines = []
+    for row in result["exercises"]:
+        shown = {}  # the last line of a traceback ("NotImplementedError: ...") -> how many more raised it
+        for failure in row["failures"]:
+            error = failure.get("traceback", "").rsplit("\n", 1)[-1]
+            if error and error in shown:
+                shown[error] += 1
+                continue
+            shown[error] = 0
+            lines += [f" {row['name']}: {failure['check']} ".center(110, "_"), *failure["messages"]]
+            hint = _check_hint(row["name"], failure["check"])
+            lines += [f"hint: {hint}"] if hint else []
+            lines += [failure["traceback"], ""] if error else [""]
+        repeats = [f"({more} more check{'s' if more > 1 else ''} of {row['name']} raised {error[:200]})"
+                   for error, more in shown.items() if more]
+        lines += repeats + ([""] if repeats else [])
+    return lines
+
+
 def format_table(result, label, explain=0):
-    """The student's report: points per exercise, every failing check, and staged hints."""
+    """The student's report: points per exercise, every failing check, and staged hints (in-process:
+    each failure in full first, then the table)."""
     width = max(len(row["name"]) for row in result["exercises"])
     indent = " " * 6
-    lines = [f"Grading {label}", f"isolation: {isolation.DESCRIPTIONS[result['isolation']]}", ""]
+    in_process = result["isolation"] == IN_PROCESS
+    lines = [f"{'Checking' if in_process else 'Grading'} {label}", f"isolation: {DESCRIPTIONS[result['isolation']]}", ""]
+    if in_process:
+        lines += _failure_details(result)
     for row in result["exercises"]:
         status = "pass" if row["passed"] else "FAIL"
         lines.append(f"  {row['name']:<{width}}  {row['points']:>5.1f} / {row['max_points']:<3} "
                      f"{row['checks_passed']:>2}/{row['checks_total']:<2} checks  {status}")
         common = _summary(row["checks_passed"], row["checks_total"], row["failures"])
-        if row["failures"] and "every failing check" in common:
+        if not in_process and row["failures"] and "every failing check" in common:
             lines += textwrap.wrap(common.split("; ", 1)[1], 110, initial_indent=indent, subsequent_indent=indent + "  ")
-        else:
+        elif not in_process:  # in-process, every failure is shown in full above the table
             for failure in row["failures"]:
                 lines += textwrap.wrap(f"✗ {failure['check']}", 110, initial_indent=indent, subsequent_indent=indent + "  ")
                 for message in failure["messages"][:4]:
@@ -137,6 +213,9 @@ def main(argv=None):
                         help="show more of each failing exercise's hint (twice: the formula)")
     parser.add_argument("--sandbox", choices=("auto", *isolation.LEVELS), default="auto",
                         help="isolation of the submissions' processes (default: the best available)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="debug one folder: run the same checks in this process, with full tracebacks "
+                             "(breakpoint() works; no sandbox, no time limit: not a grade)")
     args = parser.parse_args(argv)
 
     paths = list(args.paths)
@@ -158,6 +237,15 @@ def main(argv=None):
             raise MinirlhfError(f"--exercise {', '.join(unknown)}: no such exercise; known: "
                                 + ", ".join(ex.name for ex in EXERCISES))
         chosen = tuple(ex for ex in EXERCISES if ex.name in args.exercise)
+    if args.in_process:
+        if len(paths) != 1 or args.out:
+            parser.error("--in-process checks one folder, for debugging; grade a class without it")
+        result = grade_in_process(paths[0], chosen)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            print(format_table(result, paths[0], args.explain))
+        return 0
     names = [_student(path) for path in paths]
     clashes = sorted({name for name in names if names.count(name) > 1})
     if clashes:  # the folder name is the student's name in --out and in the summary
@@ -170,7 +258,7 @@ def main(argv=None):
         _write_grades(Path(args.out), results, chosen)
     level = next(iter(results.values()))["isolation"]
     if not args.json and len(paths) > 1:
-        print(f"isolation: {isolation.DESCRIPTIONS[level]}")
+        print(f"isolation: {DESCRIPTIONS[level]}")
     for path, result in results.items():
         if args.json:
             print(json.dumps(result if len(paths) == 1 else dict(submission=_student(path), **result), ensure_ascii=False))

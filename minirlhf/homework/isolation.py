@@ -13,7 +13,8 @@ Isolation levels, best first (``grade --sandbox auto`` takes the first that work
   after each exercise, but a malicious submission could read or write elsewhere meanwhile.
 
 Limits at every level: RLIMIT_CPU (the exercise's budget plus an allowance for starting Python and
-torch), RLIMIT_FSIZE, no core files, a new session (process group), and a wall-clock watchdog.
+torch), RLIMIT_AS (address space, so a runaway allocation fails in the worker instead of taking the
+grading machine's memory), RLIMIT_FSIZE, no core files, a new session (process group), and a wall-clock watchdog.
 """
 import json
 import os
@@ -36,6 +37,7 @@ DESCRIPTIONS = {
 STARTUP_CPU = 30.0  # CPU seconds for starting Python, torch (and transformers) before the budget starts
 WALL_ALLOWANCE = 60.0  # wall seconds on top of 3x the budget before the watchdog kills a process
 MAX_FILE_BYTES = 512 * 2**20
+MAX_ADDRESS_BYTES = 8 * 2**30  # torch reserves ~2 GiB of address space; an exercise needs well under 1 GiB
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from minirlhf.homework.worker import main; main(sys.argv[1])"
 _WORKING = {}
 
@@ -107,7 +109,7 @@ def run(argv, workdir, cpu_seconds, log_path):
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(Path(workdir) / "results"),
         "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0", marker: "1",
     }
-    limits = {"cpu": int(cpu_seconds + STARTUP_CPU) + 1, "fsize": MAX_FILE_BYTES, "core": 0}
+    limits = {"cpu": int(cpu_seconds + STARTUP_CPU) + 1, "as": MAX_ADDRESS_BYTES, "fsize": MAX_FILE_BYTES, "core": 0}
     if shutil.which("prlimit"):  # set in the child before exec (preexec_fn is unsafe with --jobs threads)
         argv = ["prlimit", *(f"--{name}={value}" for name, value in limits.items()), "--", *argv]
     env["MINIRLHF_WORKER_LIMITS"] = json.dumps(limits)  # the worker also sets them on itself, first thing
@@ -133,7 +135,8 @@ def run(argv, workdir, cpu_seconds, log_path):
 
 def apply_limits(limits):
     """In the worker, before anything else: the limits ``run`` asked for (when prlimit is missing)."""
-    names = {"cpu": resource.RLIMIT_CPU, "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE}
+    names = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS, "fsize": resource.RLIMIT_FSIZE,
+             "core": resource.RLIMIT_CORE}
     for name, value in limits.items():
         soft, hard = resource.getrlimit(names[name])
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)

@@ -42,7 +42,8 @@ def first_label_column(response_mask):
     return int(columns_with_labels.nonzero()[0])
 
 
-def response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):
+def response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False,
+                      entropy_grad=True):
     """Per-token log-probs ``log π(y_t | y_<t)`` of a batch, computed only from the first response label on.
 
     Args:
@@ -52,6 +53,8 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
             PPO/GRPO so the ratio compares the distribution the tokens were actually drawn from).
             The division happens in float32, after the upcast, exactly as in the sampler.
         return_entropy: also return the per-token entropy ``H(π(· | y_<t))`` (``[B, T]`` float32).
+        entropy_grad: False computes the entropy without gradient (to log it, not to train on it):
+            its full-vocabulary ``[B, T, V]`` intermediates are then not kept for a backward.
 
     Returns ``(token_logprobs, mask)`` — or ``(token_logprobs, mask, entropy)`` — all ``[B, T]``
     with ``T = L − 1``, aligned with the labels ``input_ids[:, 1:]``; ``mask = response_mask[:, 1:]``.
@@ -72,11 +75,14 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     token_logprobs = F.pad(gather_logprobs(logits, labels, temperature), (start, 0))
     mask = response_mask[:, 1:]
     if return_entropy:
-        return token_logprobs, mask, F.pad(entropy_from_logits(logits, temperature), (start, 0))
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits, temperature)
+        return token_logprobs, mask, F.pad(entropy, (start, 0))
     return token_logprobs, mask
 
 
-def fused_response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):
+def fused_response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False,
+                            entropy_grad=True):
     """``response_logprobs`` without a logits tensor: the LM head fused with the log-softmax.
 
     Same arguments and returns as ``response_logprobs`` (``(token_logprobs, mask)`` or
@@ -110,7 +116,7 @@ def fused_response_logprobs(model, input_ids, attention_mask, response_mask, tem
     out = out if return_entropy else (out,)
     per_token = [torch.zeros(rows.shape, dtype=x.dtype, device=x.device).masked_scatter(rows, x) for x in out]
     if return_entropy:
-        return per_token[0], mask, per_token[1]
+        return per_token[0], mask, per_token[1] if entropy_grad else per_token[1].detach()
     return per_token[0], mask
 
 

@@ -174,6 +174,31 @@ def adapters_disabled(model):
             m.enabled = state
 
 
+class BaseModelView:
+    """The base model of an adapted ``model``, without a copy: calling the view calls ``model`` in
+    eval mode with its adapters switched off (``adapters_disabled``), then restores both.
+
+    What the trainers use as π_ref with LoRA: ``response_logprobs(BaseModelView(policy), ...)`` is
+    log π_ref. It holds no weights of its own (it is not an ``nn.Module``); ``eval()`` is a no-op,
+    so code written for a separate reference model takes it unchanged.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(training)
+
+    def eval(self):
+        return self
+
+
 def merge_lora(model):
     """``W ← W + (α/r) B A`` in every adapted layer (in place); returns the model."""
     for m in lora_modules(model).values():
@@ -264,18 +289,19 @@ def read_adapter_config(directory):
                       dropout=float(raw.get("lora_dropout", 0.0)), target_modules=tuple(targets))
 
 
-def merged_state_dict(model, dtype=None):
+def merged_state_dict(model, dtype=None, state=None):
     """The model's state dict as a plain model would have it, with ``W + ΔW`` for every adapted layer.
 
     ``<module>.base_layer.weight`` becomes ``<module>.weight`` (a new merged tensor; the live
     weights are not touched) and the LoRA matrices are dropped. ``dtype`` casts floating tensors
-    (default: keep each one's dtype).
+    (default: keep each one's dtype). ``state``: the state dict to start from (default
+    ``model.state_dict()``; a sharded model without adapters passes its gathered whole tensors).
     """
     modules = lora_modules(model)
     if any(m.merged for m in modules.values()):
         raise MinirlhfError("merged_state_dict: the adapters are already merged; call unmerge_lora first")
-    state, cast = {}, {}  # cast: one converted copy per model tensor, so tied weights stay one tensor
-    for key, tensor in model.state_dict().items():
+    merged, cast = {}, {}  # cast: one converted copy per model tensor, so tied weights stay one tensor
+    for key, tensor in (model.state_dict() if state is None else state).items():
         module_name, _, leaf = key.rpartition(".")
         owner = module_name.removesuffix(".base_layer")
         if owner in modules and module_name == owner:  # lora_A / lora_B
@@ -285,19 +311,20 @@ def merged_state_dict(model, dtype=None):
             tensor = (tensor.to(m.lora_A.dtype) + m.delta_weight().detach()).to(dtype or tensor.dtype)
         elif dtype is not None and tensor.is_floating_point():
             tensor = cast.setdefault(tensor.data_ptr(), tensor.to(dtype))
-        state[f"{owner}.{leaf}" if owner in modules else key] = tensor
-    return state
+        merged[f"{owner}.{leaf}" if owner in modules else key] = tensor
+    return merged
 
 
-def save_merged(model, directory, tokenizer=None, dtype=None):
+def save_merged(model, directory, tokenizer=None, dtype=None, state=None):
     """Write ``W + ΔW`` as a plain Hugging Face checkpoint that ``AutoModelForCausalLM`` loads without minirlhf.
 
     ``config.json`` + ``model.safetensors`` via the model's own ``save_pretrained`` (tied
     embeddings stay tied), in ``dtype`` if given (e.g. the base model's bf16; the config says so
-    too), plus the tokenizer if given. The adapters in memory are unchanged.
+    too), plus the tokenizer if given. The adapters in memory are unchanged. A model without
+    adapters is written as it is (in ``dtype``); ``state`` as in ``merged_state_dict``.
     """
     directory = Path(directory)
-    model.save_pretrained(directory, state_dict=merged_state_dict(model, dtype))
+    model.save_pretrained(directory, state_dict=merged_state_dict(model, dtype, state))
     if dtype is not None:  # save_pretrained records the live parameters' dtype: record the file's
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())

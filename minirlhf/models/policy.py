@@ -14,7 +14,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minirlhf.errors import MinirlhfError
 
@@ -29,6 +29,13 @@ def resolve_dtype(dtype):
     if isinstance(getattr(torch, str(dtype), None), torch.dtype):
         return getattr(torch, dtype)
     raise MinirlhfError(f"dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
+
+
+def checkpoint_dtype(name_or_path, trust_remote_code=False):
+    """The dtype a checkpoint's config records (``torch.bfloat16`` for Qwen2.5), or None when it
+    records none: the dtype to save a model trained from it in."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return resolve_dtype(getattr(config, "dtype", None))
 
 
 def load_tokenizer(name_or_path, padding_side="left", trust_remote_code=False):

@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification
@@ -35,7 +36,9 @@ class ScalarHeadModel(nn.Module):
         self.config = backbone.config
         hidden_size = self.config.get_text_config().hidden_size
         weight = next(backbone.parameters())
-        self.score_head = nn.Linear(hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
+        # float32 even over a bf16 backbone: the reward is this one dot product (see ``token_scores``)
+        head_dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.score_head = nn.Linear(hidden_size, 1, bias=False, device=weight.device, dtype=head_dtype)
         # A small random head (std 1/sqrt(hidden+1), as in Ziegler et al. 2019's reward head):
         # initial scores are O(1) and different prompts already get different scores.
         generator = torch.Generator().manual_seed(seed)
@@ -44,14 +47,20 @@ class ScalarHeadModel(nn.Module):
             self.score_head.weight.copy_(init)
 
     def token_scores(self, input_ids, attention_mask):
-        """``scores[b, l] = w · h(x)[b, l]`` at every position: ``[B, L]`` -> ``[B, L]`` float32."""
+        """``scores[b, l] = w · h(x)[b, l]`` at every position: ``[B, L]`` -> ``[B, L]`` float32.
+
+        The head's dot product runs in float32 whatever the backbone's dtype or autocast: in bf16
+        (8 mantissa bits) a reward of 5 would be rounded by up to ±0.02, and PPO/GRPO advantages
+        are differences of rewards.
+        """
         hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_attention_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
-        return self.score_head(hidden).squeeze(-1).float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.score_head.weight.float()).squeeze(-1)
 
     @classmethod
     def from_causal_lm(cls, name_or_path, dtype=None, device=None, seed=0, trust_remote_code=False, keep_dropout=False):
@@ -79,17 +88,21 @@ class ScalarHeadModel(nn.Module):
             model.score_head.weight.copy_(hf_model.score.weight)
         return model.to(device) if device is not None else model
 
-    def save_pretrained(self, directory, tokenizer=None):
+    def save_pretrained(self, directory, tokenizer=None, state_dict=None):
         """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer) in HF's layout.
 
+        ``state_dict``: the weights to write, as ``self.state_dict()`` names them (default: the
+        module's own; a sharded model passes its gathered whole tensors, as with HF's models).
         Like HF's ``save_pretrained`` it writes into ``directory`` as it goes; for an all-or-nothing
         save wrap it in ``minirlhf.data.atomic.write_dir_atomic`` (the trainers' checkpoints do).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         prefix = self.backbone.base_model_prefix  # "model" for Qwen2/Llama, "transformer" for GPT-2
-        state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in self.backbone.state_dict().items()}
-        state["score.weight"] = self.score_head.weight.detach().contiguous()
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {f"{prefix}.{name.removeprefix('backbone.')}": t.detach().contiguous()
+                 for name, t in weights.items() if name.startswith("backbone.")}
+        state["score.weight"] = weights["score_head.weight"].detach().contiguous()
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
         config = copy.deepcopy(self.config)

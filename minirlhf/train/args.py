@@ -76,7 +76,19 @@ class TrainArgs:
     """Stop after this many optimizer steps, saving a checkpoint, without changing the schedule
     (time-boxing a run; --resume continues it). 0 = run to the end."""
     device: typing.Optional[str] = None
-    """'cuda', 'cpu', ... (default: CUDA when available)."""
+    """'cuda', 'cpu', ... (default: CUDA when available; under torchrun each process's own GPU)."""
+    fsdp: bool = False
+    """Under torchrun: shard weights, gradients and AdamW state across the processes (FSDP2) instead
+    of a whole copy on each (DDP), for models too big for one GPU. Same training either way."""
+    precision: typing.Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype of the matmuls under autocast (weights train in float32): auto = bf16 on a GPU that has
+    it, fp16 with loss scaling on one that has not (T4, V100), fp32 on the CPU. See train/precision.py."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward instead of keeping them: activation memory
+    one tensor per layer, for about one more forward pass of compute. Same numbers."""
+    save_fp32: bool = False
+    """Save the final model in float32 (default: the base model's dtype, e.g. bf16 for Qwen2.5: half
+    the disk). Checkpoints are always float32, for an exact --resume."""
     keep_dropout: bool = False
     """Keep the models' dropout. Off by default (as in TRL): RLHF compares one model's log-probs
     across forward passes (π_old vs π_θ, π_θ vs π_ref), and dropout turns those differences into
@@ -110,6 +122,22 @@ class TrainArgs:
         return frozenset(self.__dict__.get("_explicit", ()))
 
 
+@dataclasses.dataclass
+class PolicyTrainArgs(TrainArgs):
+    """Arguments of the trainers that train a policy (all but the reward model's)."""
+
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank instead of all weights (0 = full fine-tuning). The base weights
+    stay frozen in the compute dtype and π_ref is the base model itself (adapters off): one copy."""
+    lora_alpha: float = 32.0
+    """LoRA's α: the update is (α / rank)·B·A."""
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """Comma-separated names of the linear layers that get adapters (Qwen2/Llama attention and MLP)."""
+    fused_head: bool = False
+    """Compute the policy's log-probs through the LM head in chunks, never building the [B, T, V]
+    logits (models/forward.fused_response_logprobs); one process only."""
+
+
 # name -> (is the value acceptable?, what is expected). Fields not listed take any value of their type.
 FIELD_RULES = {
     "temperature": (lambda v: v > 0, (
@@ -128,7 +156,8 @@ FIELD_RULES = {
     "eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     **{name: (lambda v: v >= 0, "must be >= 0") for name in (
         "micro_batch_size", "minibatch_size", "eval_every", "save_every", "stop_at_step", "max_grad_norm",
-        "weight_decay", "beta")},
+        "weight_decay", "beta", "lora_rank")},
+    "lora_alpha": (lambda v: v > 0, "must be > 0"),
     "ppo_epochs": (lambda v: v >= 1, "must be at least 1"),
 }
 
@@ -219,7 +248,8 @@ def data_limits(args):
 
 
 # Arguments that may change between an interrupted run and its --resume without changing results.
-RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "device", "eval_every", "log_every", "save_every")
+RESUME_MAY_CHANGE = ("resume", "stop_at_step", "progress", "tensorboard", "device", "fsdp", "eval_every", "log_every",
+                     "save_every", "gradient_checkpointing", "save_fp32")
 
 
 def save_args(args, out, algo=None):

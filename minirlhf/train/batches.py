@@ -4,9 +4,12 @@ A batch of ``B`` examples is split into micro-batches; micro-batch ``k`` contrib
 ``w_k ∇L_k`` with ``w_k = n_k / Σ_j n_j``, where ``n_k`` counts what ``L_k`` averages over
 (examples for per-example means, tokens for token means). Then ``Σ_k w_k ∇L_k = ∇L_big``
 exactly (up to float rounding), whatever the split: the step does not depend on
-``--micro-batch-size``, only the memory does.
+``--micro-batch-size``, only the memory does. Under torchrun the sum runs over every rank's
+micro-batches (``distributed.data_parallel_weights``).
 """
 import torch
+
+from minirlhf.data.collate import collate_sft, to_device
 
 
 def micro_batches(indices, micro_batch_size):
@@ -24,6 +27,13 @@ def accumulation_weights(counts):
 def response_tokens(batch):
     """The number of response labels of a batch (what a token-mean loss averages over), a float."""
     return float(batch["response_mask"][:, 1:].sum())
+
+
+def ptx_batch(examples, pad_id, n, device):
+    """``n`` random SFT examples for PPO's ptx term, as ``ptx_``-prefixed tensors."""
+    rows = torch.randint(len(examples), (n,)).tolist()
+    batch = to_device(collate_sft([examples[i] for i in rows], pad_id), device)
+    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
 def select_rows(batch, rows):

@@ -4,8 +4,10 @@ Layout of a run directory::
 
     out/args.json  out/train.csv  out/eval.csv  out/tb/  out/checkpoints/{latest,step-N/}  out/final/
 
-``out/checkpoints/step-000120/`` holds an HF-loadable model (``save_pretrained``) plus
-``training_state.pt`` (optimizer, scheduler, step, RNG states, and what else the trainer needs).
+``out/checkpoints/step-000120/`` holds an HF-loadable model (``save_pretrained``; with LoRA only the
+adapters, in PEFT's layout) plus ``training_state.pt`` (optimizer, scheduler, step, RNG states, the
+fp16 loss scaler, and what else the trainer needs). ``out/final/`` is written in the base model's
+dtype (``--save-fp32`` keeps float32); with LoRA it is the merged model, plus ``final/adapter/``.
 It is written to a temporary directory, fsynced, renamed into place, and only then does the
 one-line pointer file ``out/checkpoints/latest`` switch to it. The previous checkpoint is kept, so
 a crash at any moment leaves a complete last-good checkpoint to ``--resume`` from.
@@ -17,19 +19,25 @@ first (``checkpoint_problem``: files present, safetensors headers parse and matc
 names the damaged one. Starting a run also removes the temporaries a killed process left behind
 (``remove_stale_temporaries``), refuses an ``--out`` that holds another run (or is a file), and
 starts clean — saying so — in one whose previous run stopped before its first checkpoint.
+
+Under torchrun every rank calls these functions together (they gather what rank 0 writes: FSDP's
+shards, each rank's RNG state); rank 0 alone writes, and every rank reads on ``--resume`` (a
+multi-node run needs ``--out`` on a filesystem all nodes share).
 """
-import json
-import pickle
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from minirlhf.data.atomic import remove_dir, remove_stale_temporaries, write_dir_atomic, write_text_atomic
 from minirlhf.errors import MinirlhfError
+from minirlhf.models.lora import lora_modules, save_adapter, save_merged
+from minirlhf.models.policy import checkpoint_dtype
 from minirlhf.train.args import check_resumed_args, save_args
+from minirlhf.train.checkpoint_check import checkpoint_problem, load_state
+from minirlhf.train.distributed import barrier, broadcast, gather_objects, init_distributed, is_main, rank
+from minirlhf.train.parallel import full_optimizer_state, full_state_dict, load_optimizer_state
 from minirlhf.train.runtime import quiet_transformers, rng_state, seed_everything, set_rng_state
 
 
@@ -41,25 +49,30 @@ RUN_FILES = RUN_LOGS + ("args.json", "final", "critic")
 def prepare_run(args, algo):
     """Start (or resume) the run in ``args.out``; returns the checkpoint to resume from, or None.
 
-    Fills ``args.out`` (default ``runs/<algo>-<time>``), removes stale temporaries, finds the
-    checkpoint (``--resume``), writes ``args.json`` (with ``algo``) and seeds everything. Call it
-    first in every ``train_<algo>``: on ``--resume`` the trainer then loads its model from the
-    returned directory.
+    Joins torchrun's process group (if torchrun started us), fills ``args.out`` (default
+    ``runs/<algo>-<time>``), removes stale temporaries, finds the checkpoint (``--resume``), writes
+    ``args.json`` (with ``algo``) and seeds everything, rank r with ``seed + r`` (so the ranks sample
+    different responses). Call it first in every ``train_<algo>``: on ``--resume`` the trainer then
+    loads its model from the returned directory.
     """
     quiet_transformers()
-    if args.out is None:
-        args.out = str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    init_distributed(args.device)
+    if args.out is None:  # rank 0's clock names the run
+        args.out = broadcast(str(Path("runs") / f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MinirlhfError(f"--out {out} is a file; give a directory for the run (e.g. --out runs/{algo})")
-    # A run directory has one writer, this run: older versions' untagged temporaries of its files are stale too.
-    remove_stale_temporaries(out, untagged=lambda name: name in RUN_FILES)
-    remove_stale_temporaries(out / "checkpoints", untagged=lambda name: name == "latest" or name.startswith("step-"))
+    if is_main():  # a run directory has one writer: older versions' untagged temporaries are stale too
+        remove_stale_temporaries(out, untagged=lambda name: name in RUN_FILES)
+        remove_stale_temporaries(out / "checkpoints", untagged=lambda name: name == "latest" or name.startswith("step-"))
+    barrier()  # every rank looks for the checkpoint in the tidied directory
     checkpoint = resume_checkpoint(args)
     if checkpoint is not None:
         check_resumed_args(args, algo)
-    save_args(args, args.out, algo)
-    seed_everything(args.seed)
+    if is_main():
+        save_args(args, args.out, algo)
+    barrier()  # every rank has looked for a checkpoint before rank 0 writes one
+    seed_everything(args.seed + rank())
     return checkpoint
 
 
@@ -86,7 +99,7 @@ def resume_checkpoint(args):
         raise MinirlhfError(f"{out} already holds a run ({held[-1].name}); pass --resume to continue it "
                             f"or choose another --out")
     leftovers = [out / name for name in RUN_LOGS if (out / name).exists()]
-    if leftovers:
+    if leftovers and is_main():
         print(f"warning: {out} holds the logs of a run that stopped before its first checkpoint (nothing to "
               f"resume); starting over, replacing {', '.join(p.name for p in leftovers)}", file=sys.stderr)
         for leftover in leftovers:
@@ -104,36 +117,49 @@ def checkpoint_due(args, done, start, last):
     return (done > start and args.save_every > 0 and done % args.save_every == 0) or done == last
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, extra=None, keep=2):
+def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, extra=None, keep=2, scaler=None):
     """Write a resumable checkpoint ``out/checkpoints/step-{step:06d}`` and point ``latest`` at it.
 
     Contents: the model and tokenizer (``save_pretrained``, loadable by plain transformers or
     ``RewardModel.from_pretrained``) and ``training_state.pt`` = optimizer, scheduler, ``step`` (the
     number of optimizer steps done), RNG states and ``extra`` (anything else the trainer needs,
-    e.g. PPO's critic and KL coefficient). Older checkpoints beyond the newest ``keep`` are deleted
-    only after the new one is complete. Returns the checkpoint path.
+    e.g. PPO's critic and KL coefficient), and ``scaler``'s state (fp16). A model with LoRA adapters
+    is saved as its adapters alone (the base weights are ``--model``'s). Older checkpoints beyond the newest ``keep`` are deleted
+    only after the new one is complete. Returns the checkpoint path. Under torchrun every rank calls
+    it; the RNG states of all ranks are stored (``rng_per_rank``).
     """
     root = Path(out) / "checkpoints"
     path = root / f"step-{step:06d}"
+    adapted = bool(lora_modules(model))
+    weights = None if adapted else full_state_dict(model)
+    optimizer_state, rngs = full_optimizer_state(optimizer), gather_objects(rng_state())
 
     def write(tmp):
-        model.save_pretrained(tmp)
+        if adapted:
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
             "extra": extra or {},
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
+        if len(rngs) > 1:
+            state["rng_per_rank"] = rngs
         torch.save(state, tmp / "training_state.pt")
 
-    write_dir_atomic(path, write)
-    write_text_atomic(root / "latest", path.name + "\n")
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        if old.name != path.name:
-            remove_dir(old)
+    if is_main():
+        write_dir_atomic(path, write)
+        write_text_atomic(root / "latest", path.name + "\n")
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            if old.name != path.name:
+                remove_dir(old)
+    barrier()
     return path
 
 
@@ -165,106 +191,50 @@ def checkpoint_dirs(out):
     return sorted(paths, key=lambda p: int(p.name[5:]))
 
 
-def checkpoint_problem(path):
-    """What makes checkpoint directory ``path`` unusable for ``--resume``, or None when it is complete.
-
-    Checks, cheapest first: ``training_state.pt`` and model weights present; every JSON file
-    (config, tokenizer, shard index) parses; every ``*.safetensors`` file is as long as its header
-    says and every shard the index names is there; ``training_state.pt`` loads (memory-mapped: its
-    tensors are not read).
-    """
-    path = Path(path)
-    if not (path / "training_state.pt").is_file():
-        return "training_state.pt is missing"
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        return "no model weights (*.safetensors)"
-    for file in sorted(path.glob("*.json")):
-        try:
-            json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            return f"{file.name} is not valid JSON ({err})"
-    index = path / "model.safetensors.index.json"
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []:
-        if not (path / shard).is_file():
-            return f"{shard}, named in {index.name}, is missing"
-    for file in weights:
-        problem = safetensors_problem(file)
-        if problem is not None:
-            return f"{file.name}: {problem}"
-    try:
-        load_state(path / "training_state.pt", mmap=True)
-    except Exception as err:  # a damaged zip/pickle raises anything from OSError to UnicodeDecodeError
-        return f"training_state.pt does not load ({type(err).__name__}: {str(err)[:100]})"
-    return None
-
-
-def safetensors_problem(path):
-    """Why ``path`` is not a complete safetensors file, or None: the 8-byte header length, the JSON
-    header, and the file size ``8 + header + end of the last tensor``."""
-    size = Path(path).stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"truncated ({size} bytes, no header)"
-        header_size = int.from_bytes(head, "little")
-        if 8 + header_size > size:
-            return f"truncated ({size} bytes, the header alone needs {8 + header_size})"
-        try:
-            header = json.loads(f.read(header_size))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            return f"unreadable header ({err})"
-    if 8 + header_size + end != size:
-        return f"{size} bytes where its header describes {8 + header_size + end}"
-    return None
-
-
-# Besides tensors and Python builtins, a training state holds NumPy's RNG state.
-SAFE_GLOBALS = [np.ndarray, np.dtype, np.empty(0).__reduce__()[0], type(np.dtype(np.uint32))]
-
-
-def load_state(path, mmap=False):
-    """``torch.load`` a training state on the CPU, with ``weights_only=True`` (no code runs while
-    it loads) when the state holds only tensors, builtins and NumPy's RNG state; states with
-    other objects (a trainer's ``extra``) load as trusted pickles: they are this run's own files."""
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err) and "Weights only" not in str(err):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-
-
-def load_training_state(path, optimizer, scheduler):
-    """Restore optimizer, scheduler and RNG states from checkpoint ``path``; return the state dict
-    (``state["step"]`` optimizer steps are done, ``state["extra"]`` is what the trainer saved).
+def load_training_state(path, optimizer, scheduler, scaler=None):
+    """Restore optimizer, scheduler, RNG and (fp16) ``scaler`` states from checkpoint ``path``; return
+    the state dict (``state["step"]`` optimizer steps are done, ``state["extra"]`` is what the
+    trainer saved). A scaler the checkpoint has no state for (a run started in another precision)
+    starts afresh.
 
     The model weights are loaded by the trainer itself, from the same directory, with its usual
-    loader (``from_pretrained``), *before* building the optimizer.
+    loader (``from_pretrained``), *before* building the optimizer. Under torchrun rank r restores
+    rank r's RNG state; a rank the interrupted run did not have keeps its fresh seed.
     """
     state = load_state(Path(path) / "training_state.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng_per_rank", [state["rng"]])
+    if rank() < len(rngs):
+        set_rng_state(rngs[rank()])
     return state
 
 
-def save_model(model, tokenizer, path):
-    """Write an HF-loadable model (``save_pretrained``) and its tokenizer atomically to ``path``."""
+def save_model(model, tokenizer, path, dtype=None):
+    """Write an HF-loadable model (``save_pretrained``) and its tokenizer atomically to ``path``, in
+    ``dtype`` (default: as it is) (rank 0 writes, every rank returns ``path``). A model with LoRA
+    adapters is written merged (``W + ΔW``), its adapters beside it in ``path/adapter``."""
+    adapted = bool(lora_modules(model))
+    weights = None if adapted else full_state_dict(model)
 
     def write(tmp):
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_merged(model, tmp, tokenizer, dtype, state=weights)
+        if adapted:
+            save_adapter(model, tmp / "adapter")
 
-    return write_dir_atomic(path, write)
+    if is_main():
+        write_dir_atomic(path, write)
+    barrier()
+    return Path(path)
 
 
 def final_path(args, model, tokenizer, done, total_steps):
     """What ``train_<algo>`` returns: ``out/final`` (the model, written atomically) once all
-    ``total_steps`` are done, else the latest checkpoint (stopped early at ``--stop-at-step``)."""
+    ``total_steps`` are done, else the latest checkpoint (stopped early at ``--stop-at-step``). The
+    final model is saved in ``--model``'s dtype unless ``--save-fp32``."""
     if done < total_steps:
         return latest_checkpoint(args.out)
-    return save_model(model, tokenizer, Path(args.out) / "final")
+    dtype = None if args.save_fp32 or not args.model else checkpoint_dtype(args.model)
+    return save_model(model, tokenizer, Path(args.out) / "final", dtype)

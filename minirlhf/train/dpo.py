@@ -31,19 +31,23 @@ from minirlhf.core.dpo_losses import dpo_loss, dpop_penalty, orpo_loss, rdpo_len
 from minirlhf.data.datasets import load_preference_data
 from minirlhf.data.order import BatchSchedule, hold_out
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.policy import load_policy, load_tokenizer
-from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.models.policy import load_tokenizer
+from minirlhf.train.args import PolicyTrainArgs, apply_toy_preset, data_limits, parse_args
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
 from minirlhf.train.kto import train_kto
+from minirlhf.train.distributed import data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.preference import (
     TOY_PRESET, cached_reference_logps, implicit_reward_metrics, pair_batch, pair_rows, sequence_logps,
 )
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 LOSSES = ("sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -51,7 +55,7 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 
 @dataclasses.dataclass
-class DPOArgs(TrainArgs):
+class DPOArgs(PolicyTrainArgs):
     """The DPO family: sigmoid (DPO), cdpo, robust, ipo, hinge, simpo, orpo, kto."""
 
     loss: typing.Literal["sigmoid", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = "sigmoid"
@@ -97,7 +101,7 @@ def pairwise_preference_loss(args, model, batch, loss_type=None):
     """
     loss_type = loss_type or args.loss
     # 1. One forward over chosen and rejected together; split the halves.
-    logps, lengths = sequence_logps(model, batch)
+    logps, lengths = sequence_logps(model, batch, policy_logprobs(args))
     chosen_logps, rejected_logps = logps.chunk(2)
     chosen_len, rejected_len = lengths.clamp(min=1).chunk(2)
     chosen_avg, rejected_avg = chosen_logps / chosen_len, rejected_logps / rejected_len
@@ -132,16 +136,17 @@ def pairwise_preference_loss(args, model, batch, loss_type=None):
 
 
 @torch.no_grad()
-def evaluate_dpo(args, model, examples, ref, pad_id, device):
-    """The loss and implicit-reward metrics on the preference test split (weighted by pairs)."""
+def evaluate_dpo(args, model, examples, ref, pad_id, precision):
+    """The loss and implicit-reward metrics on the preference test split (weighted by pairs),
+    ``--micro-batch-size`` pairs per forward (else ``--batch-size``)."""
     model.eval()
-    totals = {}
-    for start in range(0, len(examples), args.batch_size):
-        ids = list(range(start, min(start + args.batch_size, len(examples))))
-        with autocast(device):
-            loss, metrics = pairwise_preference_loss(args, model, pair_batch(examples, ids, pad_id, device, ref))
+    totals, size = {}, args.micro_batch_size or args.batch_size
+    for start in range(0, len(examples), size):
+        ids = list(range(start, min(start + size, len(examples))))
+        with precision.autocast():
+            loss, metrics = pairwise_preference_loss(args, model, pair_batch(examples, ids, pad_id, precision.device, ref))
         for name, value in {**metrics, "loss": loss}.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * len(ids) / len(examples)
+            totals[name] = totals.get(name, 0.0) + value * len(ids) / len(examples)
     return totals
 
 
@@ -172,11 +177,12 @@ def train_dpo(args: DPOArgs):
     args.template = args.template or "align_anything"
     resume_from = prepare_run(args, f"dpo-{args.loss}")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, policy (from the checkpoint when resuming), data and test split.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), data and test split.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
     load_kwargs = dict(tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_preference_data(args.data, args.template, **load_kwargs)
     print(report, file=sys.stderr)
@@ -189,40 +195,48 @@ def train_dpo(args: DPOArgs):
     ref = {}
     if args.loss not in REFERENCE_FREE:
         rows = {"eval": pair_rows(eval_examples), "train": pair_rows(train_examples)}
-        ref = cached_reference_logps(args, resume_from, rows, pad_id, device)
+        ref = cached_reference_logps(args, resume_from, rows, pad_id, precision, policy)
 
-    # 4. Optimizer, schedule, deterministic batch order; resume state.
+    # 4. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_policy = data_parallel(policy, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     total, last = schedule.total_steps, last_step(args, schedule.total_steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 5. The loop; `step` optimizer steps are done at the top of each pass.
     with TrainingLog(args, start, total, last, desc=f"dpo ({args.loss})") as log:
         for step in range(start, last + 1):
-            # 5.1 Evaluate and checkpoint.
-            if eval_examples and eval_due(args, step, start, total):
-                log.eval(step, evaluate_dpo(args, policy, eval_examples, ref.get("eval"), pad_id, device))
+            # 5.1 Checkpoint (first: an evaluation that runs out of memory loses nothing) and evaluate.
             if checkpoint_due(args, step, start, last):
-                save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler)
+                save(step)
+            if eval_examples and eval_due(args, step, start, total):
+                log.eval(step, evaluate_dpo(args, policy, eval_examples, ref.get("eval"), pad_id, precision))
             # 5.2 Stop.
             if step == last:
                 break
-            # 5.3 Forward/backward: micro-batches of pairs weighted by their share of the pairs.
+            # 5.3 Forward/backward: this rank's share of the batch, in micro-batches of pairs weighted
+            #     by their share of the batch's pairs (counted over all ranks).
             policy.train()
             indices = schedule.batch(step)
             micro = [(ids, pair_batch(train_examples, ids, pad_id, device, ref.get("train")))
-                     for ids in micro_batches(indices, args.micro_batch_size)]
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler))
+                     for ids in micro_batches(rank_share(indices), args.micro_batch_size)]
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
+            guard = DivergenceGuard(lambda: save(step))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = pairwise_preference_loss(args, policy, batch)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
-            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                          guard=guard, step=step, example_ids=indices))
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with precision.autocast():
+                        loss, loss_metrics = pairwise_preference_loss(args, dp_policy, batch)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids,
+                                      scaler=precision.scaler)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=step,
+                                          example_ids=indices, scaler=precision.scaler))
             # 5.4 Log.
             metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
             log.train(step + 1, metrics)

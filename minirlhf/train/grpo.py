@@ -18,7 +18,8 @@ reduced over tokens by ``--aggregation`` (``sequence_mean`` = GRPO paper, ``toke
 Each iteration of the loop in ``train_grpo``:
 
 1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
-2. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt);
+2. **Rollout.** ``batch_size`` prompts, G samples each (rows ``g·G … g·G+G−1`` share a prompt;
+   under torchrun each rank samples its share of the prompts, so a group never spans ranks);
    one reward per response (``--reward math`` = verifiable accuracy, or an RM path); log-probs of
    the samples under π_old (= the sampling policy) and π_ref.
 3. **Group advantages** (``group_advantages``); groups whose G rewards are all equal carry no
@@ -49,24 +50,28 @@ from minirlhf.core.grpo import group_advantages, grpo_loss
 from minirlhf.core.masked import masked_sum
 from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs, rollout_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
-from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.args import PolicyTrainArgs, parse_args
+from minirlhf.train.batches import micro_batches, response_tokens, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, gathered, per_rank, rank_share
 from minirlhf.train.metrics import TrainingLog, average, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs, reference_policy
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class GRPOArgs(TrainArgs):
+class GRPOArgs(PolicyTrainArgs):
     """GRPO: group-relative advantages, no critic, k3 KL in the loss."""
 
     reward: str = "math"
@@ -112,7 +117,7 @@ def micro_batch_weights(micro, aggregation):
 
     ``sequence_mean`` averages over the rows that have response tokens, ``token_mean`` over
     response tokens, ``fixed_length`` over rows (its normaliser ``B · max_len`` counts rows). So
-    ``Σ_k w_k L_k`` equals the loss of the whole minibatch.
+    ``Σ_k w_k L_k`` equals the loss of the whole minibatch (under torchrun: of every rank's share).
     """
     if aggregation == "token_mean":
         counts = [response_tokens(b) for _, b in micro]
@@ -120,13 +125,13 @@ def micro_batch_weights(micro, aggregation):
         counts = [float(b["response_mask"].bool().any(-1).sum()) for _, b in micro]
     else:
         counts = [float(len(b["input_ids"])) for _, b in micro]
-    return accumulation_weights(counts)
+    return data_parallel_weights(counts)
 
 
 def grpo_step_loss(policy, batch, args):
     """``grpo_loss`` on one micro-batch of a rollout; returns ``(loss, metrics)``."""
-    logprobs, mask = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                       temperature=args.temperature)
+    logprobs, mask = policy_logprobs(args)(policy, batch["input_ids"], batch["attention_mask"],
+                                           batch["response_mask"], temperature=args.temperature)
     loss, clip_fraction, kl = grpo_loss(
         logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"], mask,
         clip_eps=args.clip_eps, beta=args.beta, aggregation=args.aggregation, max_len=args.max_new_tokens,
@@ -148,22 +153,32 @@ def train_grpo(args: GRPOArgs):
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "grpo")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), frozen reference
+    #    (with LoRA: the policy's adapters off), reward, prompts.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
-    reward_fn = load_reward(args.reward, device=device)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
+    reference = reference_policy(args, policy, device, precision.dtype)
+    reward_fn = load_reward(args.reward, device=device, dtype=precision.dtype)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (counted in optimizer steps); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts and steps on its share of every minibatch. Optimizer and schedule
+    #    (counted in optimizer steps); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
+    rank_responses = per_rank(args.batch_size) * args.group_size
+    rank_minibatch = per_rank(minibatch_size, "--minibatch-size")
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     updates = args.ppo_epochs * num_responses // minibatch_size
     scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     last = last_step(args, args.steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -171,15 +186,16 @@ def train_grpo(args: GRPOArgs):
         for iteration in range(start, last + 1):
             # 4.1 Checkpoint; stop.
             if checkpoint_due(args, iteration, start, last):
-                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+                save(iteration)
             if iteration == last:
                 break
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Rollout: G samples per prompt; one reward per response; log-probs of the samples
             #     under the sampling policy and the reference.
-            with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=args.group_size, temperature=args.temperature)
+            with precision.autocast():
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=args.group_size,
+                                            temperature=args.temperature)
                 rewards = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
@@ -190,18 +206,20 @@ def train_grpo(args: GRPOArgs):
             # 4.4 Clipped-surrogate + β·k3 updates over shuffled minibatches.
             update_metrics = []
             for _ in range(args.ppo_epochs):
-                order = torch.randperm(num_responses).tolist()
-                for first in range(0, num_responses, minibatch_size):
-                    rows = order[first : first + minibatch_size]
+                order = torch.randperm(rank_responses).tolist()
+                for first in range(0, rank_responses, rank_minibatch):
+                    rows = order[first : first + rank_minibatch]
                     micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
                     weights = micro_batch_weights(micro, args.aggregation)
                     metrics = {}
-                    for (ids, batch), weight in zip(micro, weights):
-                        with autocast(device):
-                            loss, loss_metrics = grpo_step_loss(policy, batch, args)
-                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
-                    metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                                  guard=guard, step=iteration, example_ids=rows))
+                    for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                        with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once
+                            with precision.autocast():
+                                loss, loss_metrics = grpo_step_loss(dp_policy, batch, args)
+                            backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration,
+                                              example_ids=ids, scaler=precision.scaler)
+                    metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard,
+                                                  step=iteration, example_ids=rows, scaler=precision.scaler))
                     update_metrics.append(metrics)
             # 4.5 Log.
             grouped = rewards.view(-1, args.group_size)
@@ -212,8 +230,8 @@ def train_grpo(args: GRPOArgs):
                        **response_metrics(rollout)}
             if args.reward == "math":
                 metrics["accuracy"] = metrics["reward"]
-            if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+            if log_gold:  # over every rank's samples
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

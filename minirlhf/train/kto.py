@@ -27,23 +27,27 @@ from minirlhf.core.dpo_losses import kto_loss
 from minirlhf.data.collate import collate_kto, collate_sft, to_device
 from minirlhf.data.datasets import load_kto_data, load_preference_data
 from minirlhf.data.order import BatchSchedule, epoch_permutation
-from minirlhf.models.policy import load_policy, load_tokenizer
-from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.models.policy import load_tokenizer
+from minirlhf.train.args import PolicyTrainArgs, apply_toy_preset, data_limits
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import all_reduce_sum, data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.preference import (
     TOY_PRESET, cached_reference_logps, pair_batch, pair_rows, sequence_logps, sigmoid_dpo_metrics,
 )
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class KTOArgs(TrainArgs):
+class KTOArgs(PolicyTrainArgs):
     """KTO on unpaired desirable/undesirable examples (``dpo --loss kto`` on the command line)."""
 
     beta: float = 0.1
@@ -81,20 +85,21 @@ def mismatched_rows(examples, seed, max_len):
 
 
 @torch.no_grad()
-def kto_reference_point(policy, kl_rows, ref_kl, indices, micro_batch_size, pad_id, device):
-    """z0 = mean over the batch ``indices`` of log π(y_π(i)|x_i) − log π_ref(y_π(i)|x_i), no gradient."""
+def kto_reference_point(policy, kl_rows, ref_kl, indices, micro_batch_size, pad_id, precision):
+    """z0 = mean over the batch ``indices`` of log π(y_π(i)|x_i) − log π_ref(y_π(i)|x_i), no gradient
+    (each rank sums its share of the batch; the sums are all-reduced)."""
     total = 0.0
-    with autocast(device):
-        for ids in micro_batches(indices, micro_batch_size):
-            batch = to_device(collate_sft([kl_rows[i] for i in ids], pad_id), device)
-            total += float((sequence_logps(policy, batch)[0].float().cpu() - ref_kl[ids]).sum())
-    return total / len(indices)
+    with precision.autocast():
+        for ids in micro_batches(rank_share(indices), micro_batch_size):
+            batch = to_device(collate_sft([kl_rows[i] for i in ids], pad_id), precision.device)
+            total += (sequence_logps(policy, batch)[0].float().cpu() - ref_kl[ids]).sum()
+    return all_reduce_sum(float(total)) / len(indices)
 
 
 def kto_batch_loss(args, model, batch):
     """KTO on an unpaired batch (``labels`` True = desirable, cached ``ref_logps``, and the
     step's ``kl_reference`` z0); ``(loss, metrics)``."""
-    logps, _ = sequence_logps(model, batch)
+    logps, _ = sequence_logps(model, batch, policy_logprobs(args))
     desirable = batch["labels"]
     losses, rewards = kto_loss(logps, batch["ref_logps"], desirable, batch["kl_reference"], args.beta,
                                args.kto_desirable_weight, args.kto_undesirable_weight)
@@ -111,16 +116,17 @@ def kto_batch_loss(args, model, batch):
 
 
 @torch.no_grad()
-def evaluate_kto(args, model, examples, ref, pad_id, device):
-    """Sigmoid DPO's implicit-reward metrics on the preference test split (weighted by pairs)."""
+def evaluate_kto(args, model, examples, ref, pad_id, precision):
+    """Sigmoid DPO's implicit-reward metrics on the preference test split (weighted by pairs),
+    ``--micro-batch-size`` pairs per forward (else ``--batch-size``)."""
     model.eval()
-    totals = {}
-    for start in range(0, len(examples), args.batch_size):
-        ids = list(range(start, min(start + args.batch_size, len(examples))))
-        with autocast(device):
-            _, metrics = sigmoid_dpo_metrics(model, pair_batch(examples, ids, pad_id, device, ref), args.beta)
+    totals, size = {}, args.micro_batch_size or args.batch_size
+    for start in range(0, len(examples), size):
+        ids = list(range(start, min(start + size, len(examples))))
+        with precision.autocast():
+            _, metrics = sigmoid_dpo_metrics(model, pair_batch(examples, ids, pad_id, precision.device, ref), args.beta)
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * len(ids) / len(examples)
+            totals[name] = totals.get(name, 0.0) + value * len(ids) / len(examples)
     return totals
 
 
@@ -138,11 +144,12 @@ def train_kto(args: KTOArgs):
     args.template = args.template or "align_anything"
     resume_from = prepare_run(args, "dpo-kto")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, policy (from the checkpoint when resuming), data, test split, KL pairs.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), data, test split, KL pairs.
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
     load_kwargs = dict(tokenizer=tokenizer, system_prompt=args.system_prompt, **data_limits(args))
     train_examples, report = load_kto_data(args.data, args.template, **load_kwargs)
     print(report, file=sys.stderr)
@@ -153,44 +160,52 @@ def train_kto(args: KTOArgs):
 
     # 3. Reference log-probs of the test pairs, the examples and their KL pairs, computed once.
     rows = {"eval": pair_rows(eval_examples), "train": train_examples, "train_kl": kl_rows}
-    ref = cached_reference_logps(args, resume_from, rows, pad_id, device)
+    ref = cached_reference_logps(args, resume_from, rows, pad_id, precision, policy)
 
-    # 4. Optimizer, schedule, deterministic batch order; resume state.
+    # 4. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_policy = data_parallel(policy, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     total, last = schedule.total_steps, last_step(args, schedule.total_steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 5. The loop; `step` optimizer steps are done at the top of each pass.
     with TrainingLog(args, start, total, last, desc="dpo (kto)") as log:
         for step in range(start, last + 1):
-            # 5.1 Evaluate and checkpoint.
-            if eval_examples and eval_due(args, step, start, total):
-                log.eval(step, evaluate_kto(args, policy, eval_examples, ref["eval"], pad_id, device))
+            # 5.1 Checkpoint (first: an evaluation that runs out of memory loses nothing) and evaluate.
             if checkpoint_due(args, step, start, last):
-                save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler)
+                save(step)
+            if eval_examples and eval_due(args, step, start, total):
+                log.eval(step, evaluate_kto(args, policy, eval_examples, ref["eval"], pad_id, precision))
             # 5.2 Stop.
             if step == last:
                 break
-            # 5.3 Forward/backward: z0 over the whole batch, then micro-batches weighted by examples.
+            # 5.3 Forward/backward: z0 over the whole batch, then this rank's share of the batch in
+            #     micro-batches weighted by their share of the batch's examples (over all ranks).
             policy.train()
             indices = schedule.batch(step)
-            z0 = kto_reference_point(policy, kl_rows, ref["train_kl"], indices, args.micro_batch_size, pad_id, device)
+            z0 = kto_reference_point(policy, kl_rows, ref["train_kl"], indices, args.micro_batch_size, pad_id, precision)
             micro = []
-            for ids in micro_batches(indices, args.micro_batch_size):
+            for ids in micro_batches(rank_share(indices), args.micro_batch_size):
                 batch = collate_kto([train_examples[i] for i in ids], pad_id)
                 batch.update(ref_logps=ref["train"][ids], kl_reference=torch.tensor(z0))
                 micro.append((ids, to_device(batch, device)))
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, policy, tokenizer, optimizer, scheduler))
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
+            guard = DivergenceGuard(lambda: save(step))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = kto_batch_loss(args, policy, batch)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
-            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                          guard=guard, step=step, example_ids=indices))
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with precision.autocast():
+                        loss, loss_metrics = kto_batch_loss(args, dp_policy, batch)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids,
+                                      scaler=precision.scaler)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=step,
+                                          example_ids=indices, scaler=precision.scaler))
             # 5.4 Log.
             metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
             log.train(step + 1, metrics)

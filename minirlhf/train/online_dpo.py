@@ -33,24 +33,28 @@ from minirlhf.core.masked import masked_sum
 from minirlhf.core.reward_losses import pair_accuracy
 from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs, rollout_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
-from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.args import PolicyTrainArgs, parse_args
+from minirlhf.train.batches import micro_batches, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import all_reduce_sum, data_parallel_weights, gathered, pad_micro_batches, rank_share
 from minirlhf.train.metrics import TrainingLog, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs, reference_policy
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class OnlineDPOArgs(TrainArgs):
+class OnlineDPOArgs(PolicyTrainArgs):
     """Online DPO: the policy samples pairs, a reward model (or the toy gold reward) labels them."""
 
     reward: typing.Optional[str] = None
@@ -89,7 +93,7 @@ def sampled_pair_loss(policy, batch, args):
     ``0..b-1`` chosen, ``b..2b-1`` rejected: one forward for both halves) and ``ref_logps``
     ``[2b]``, the reference's summed log-probs in the same order.
     """
-    logprobs, mask = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    logprobs, mask = policy_logprobs(args)(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     sequence = sequence_logprobs(logprobs, mask, average=args.loss == "ipo")
     chosen, rejected = sequence.chunk(2)
     ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
@@ -116,21 +120,28 @@ def train_online_dpo(args: OnlineDPOArgs):
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "online-dpo")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), judge, prompts.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), frozen reference
+    #    (with LoRA: the policy's adapters off), judge, prompts.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
-    reward_fn = load_reward(args.reward, device=device)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
+    reference = reference_policy(args, policy, device, precision.dtype)
+    reward_fn = load_reward(args.reward, device=device, dtype=precision.dtype)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (one step per iteration); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts. Optimizer and schedule (one step per iteration); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     last = last_step(args, args.steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -138,16 +149,16 @@ def train_online_dpo(args: OnlineDPOArgs):
         for iteration in range(start, last + 1):
             # 4.1 Checkpoint; stop.
             if checkpoint_due(args, iteration, start, last):
-                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+                save(iteration)
             if iteration == last:
                 break
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Two samples per prompt; the judge's scores. Reference log-probs for the loss, the
             #     sampling policy's for the logged KL, both at temperature 1: DPO's implicit reward
             #     is defined by π_θ itself, not by the sampling distribution.
-            with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=2, temperature=args.temperature)
+            with precision.autocast():
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=2, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size)
@@ -157,22 +168,30 @@ def train_online_dpo(args: OnlineDPOArgs):
             first_wins = (first > second)[labelled]
             chosen_rows = 2 * labelled + (~first_wins).long()
             rejected_rows = 2 * labelled + first_wins.long()
-            # 4.4 One DPO step over the labelled pairs, micro-batched by pairs (a mean over pairs).
+            # 4.4 One DPO step over the labelled pairs of all ranks, micro-batched by pairs (a mean over
+            #     pairs); none when no rank has one.
             metrics = {}
-            if len(labelled) > 0:
+            num_labelled = all_reduce_sum(len(labelled))
+            if num_labelled > 0:
                 data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
                 data["ref_logps"] = sequence_logprobs(ref_logprobs, mask, average=args.loss == "ipo")
                 pairs = list(range(len(labelled)))
                 micro = [(labelled[part].tolist(), select_rows(data, torch.cat([chosen_rows[part], rejected_rows[part]])))
                          for part in micro_batches(pairs, args.micro_batch_size)]
-                weights = accumulation_weights([len(ids) for ids, _ in micro])
-                for (ids, batch), weight in zip(micro, weights):
-                    with autocast(device):
-                        loss, loss_metrics = sampled_pair_loss(policy, batch, args)
-                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
-                metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                              guard=guard, step=iteration, example_ids=labelled.tolist()))
-                metrics["judge_margin"] = float((scores[chosen_rows] - scores[rejected_rows]).mean())
+                # Ranks hold different numbers of pairs: one with fewer micro-batches adds weight-0 ones
+                # (pair 0, no example ids), as every rank must run as many forward/backward passes.
+                micro = pad_micro_batches(micro, ([], select_rows(data, torch.tensor([0, 1]))))
+                weights = data_parallel_weights([len(ids) for ids, _ in micro])
+                for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                    with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once
+                        with precision.autocast():
+                            loss, loss_metrics = sampled_pair_loss(dp_policy, batch, args)
+                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration,
+                                          example_ids=ids, scaler=precision.scaler)
+                metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard,
+                                              step=iteration, example_ids=labelled.tolist(), scaler=precision.scaler))
+                margins = scores[chosen_rows] - scores[rejected_rows]
+                metrics["judge_margin"] = float(all_reduce_sum(margins.sum()) / num_labelled)
             else:
                 scheduler.step()  # keep the schedule aligned with the iteration count
             # 4.5 Log.
@@ -183,7 +202,7 @@ def train_online_dpo(args: OnlineDPOArgs):
                 **response_metrics(rollout),
             })
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

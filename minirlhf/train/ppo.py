@@ -41,31 +41,36 @@ import torch
 
 from minirlhf.core.gae import gae_advantages
 from minirlhf.core.kl import kl_shaped_rewards
-from minirlhf.core.masked import masked_mean, masked_sum, masked_whiten
+from minirlhf.core.masked import masked_mean, masked_sum
 from minirlhf.core.ppo_losses import ppo_policy_loss, ppo_value_loss
-from minirlhf.data.collate import collate_sft, to_device
 from minirlhf.data.datasets import load_sft_data
 from minirlhf.data.prompts import PromptSet
 from minirlhf.errors import MinirlhfError
-from minirlhf.models.forward import response_logprobs, rollout_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.models.value_model import ValueModel
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
-from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, response_tokens, select_rows
+from minirlhf.train.args import PolicyTrainArgs, parse_args
+from minirlhf.train.batches import micro_batches, ptx_batch, response_tokens, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint, save_model,
 )
+from minirlhf.train.kl_control import adapt_kl_coef
+from minirlhf.train.distributed import (data_parallel_weights, gathered, global_masked_whiten, mean_over_ranks,
+                                        per_rank, rank_share)
 from minirlhf.train.metrics import TrainingLog, average, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, full_state_dict, gradient_sync, load_full_state_dict
 from minirlhf.train.rewards import RewardModelReward, load_reward
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import enable_gradient_checkpointing, load_trained_policy, policy_logprobs, reference_policy
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import TRAIN_DTYPE, select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class PPOArgs(TrainArgs):
+class PPOArgs(PolicyTrainArgs):
     """PPO with a value model and KL-shaped per-token rewards."""
 
     reward: typing.Optional[str] = None
@@ -76,7 +81,8 @@ class PPOArgs(TrainArgs):
     batch_size: int = 32
     """Prompts (= responses) per rollout."""
     minibatch_size: int = 16
-    """Responses per optimizer step; batch_size / minibatch_size steps per PPO epoch."""
+    """Responses per optimizer step; batch_size / minibatch_size steps per PPO epoch (0 = the whole
+    batch: one step per epoch)."""
     micro_batch_size: int = 0
     """Responses per forward/backward pass inside a minibatch (0 = the whole minibatch)."""
     ppo_epochs: int = 2
@@ -128,13 +134,6 @@ class PPOArgs(TrainArgs):
     """System prompt put in front of every prompt (default: the template's)."""
 
 
-def adapt_kl_coef(beta, kl, target, n, horizon):
-    """Ziegler et al. (2019): ``β·(1 + e·n/horizon)`` with ``e = clip(KL/KL_target − 1, −0.2, 0.2)``
-    for ``n`` responses seen this update."""
-    error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return beta * (1.0 + error * n / horizon)
-
-
 def ppo_loss(policy, critic, batch, args):
     """The loss of one micro-batch of a rollout; returns ``(loss, metrics)``.
 
@@ -142,9 +141,9 @@ def ppo_loss(policy, critic, batch, args):
     ``old_logprobs``, ``old_values``, ``advantages``, ``returns`` ``[B, T]`` (plus ``ptx_*``
     tensors for the ptx term). All token means are over the micro-batch's response tokens.
     """
-    logprobs, mask, entropy = response_logprobs(
+    logprobs, mask, entropy = policy_logprobs(args)(  # the entropy is only logged when its coefficient is 0
         policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-        temperature=args.temperature, return_entropy=True,
+        temperature=args.temperature, return_entropy=True, entropy_grad=args.entropy_coef != 0,
     )
     values = critic(batch["input_ids"], batch["attention_mask"])[:, :-1]  # V(s_t) aligned with labels
     policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
@@ -158,20 +157,13 @@ def ppo_loss(policy, critic, batch, args):
         "clip_fraction": clip_fraction, "value_clip_fraction": value_clip_fraction, "approx_kl": approx_kl,
     }
     if "ptx_input_ids" in batch:
-        ptx_logprobs, ptx_mask = response_logprobs(
+        ptx_logprobs, ptx_mask = policy_logprobs(args)(
             policy, batch["ptx_input_ids"], batch["ptx_attention_mask"], batch["ptx_response_mask"]
         )
         ptx_loss = masked_mean(-ptx_logprobs, ptx_mask)
         loss = loss + args.ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss.detach()
     return loss, metrics
-
-
-def ptx_batch(examples, pad_id, n, device):
-    """``n`` random SFT examples for the ptx term, as ``ptx_``-prefixed tensors."""
-    rows = torch.randint(len(examples), (n,)).tolist()
-    batch = to_device(collate_sft([examples[i] for i in rows], pad_id), device)
-    return {f"ptx_{k}": batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
 
 
 def train_ppo(args: PPOArgs):
@@ -189,18 +181,20 @@ def train_ppo(args: PPOArgs):
                             "`python -m minirlhf rm`) or a rule name (math, gold)")
     if args.ptx_coef > 0 and args.ptx_data is None:
         raise MinirlhfError("--ptx-coef > 0 needs --ptx-data (an SFT file)")
-    if args.batch_size % args.minibatch_size:
-        raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    minibatch_size = args.minibatch_size or args.batch_size
+    if args.batch_size % minibatch_size:
+        raise MinirlhfError(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {minibatch_size}")
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "ppo")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts,
-    #    critic, ptx data.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), frozen reference
+    #    (with LoRA: the policy's adapters off), reward, prompts, critic, ptx data.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
-    reward_fn = load_reward(args.reward, device=device)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
+    reference = reference_policy(args, policy, device, precision.dtype)
+    reward_fn = load_reward(args.reward, device=device, dtype=precision.dtype)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
@@ -208,27 +202,31 @@ def train_ppo(args: PPOArgs):
         critic = ValueModel.from_pretrained(args.reward, dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     else:
         critic = ValueModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed, keep_dropout=args.keep_dropout)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
     ptx = None
     if args.ptx_coef > 0:
         ptx = load_sft_data(args.ptx_data, args.ptx_template or "sft", tokenizer, args.max_len,
                             args.max_prompt_len, args.system_prompt)[0]
 
-    # 3. One optimizer over policy and critic, its schedule counted in optimizer steps; resume
-    #    state (a checkpoint also holds the critic and the KL coefficient β).
+    # 3. Data parallelism (each rank: its share of the prompts, then of every minibatch); one optimizer
+    #    over policy and critic, its schedule in optimizer steps; resume state (+ the critic and β).
+    dp_models = data_parallel(policy, args.fsdp, False), data_parallel(critic, args.fsdp, False)
+    rank_batch, rank_minibatch = per_rank(args.batch_size), per_rank(minibatch_size, "--minibatch-size")
     models = torch.nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(models.parameters(), args.lr, args.weight_decay)
-    updates = args.ppo_epochs * args.batch_size // args.minibatch_size
+    updates = args.ppo_epochs * args.batch_size // minibatch_size
     scheduler = make_scheduler(optimizer, args.steps * updates, args.warmup_ratio, args.lr_schedule)
     start, beta = 0, args.beta
     if resume_from:
-        state = load_training_state(resume_from, optimizer, scheduler)
+        state = load_training_state(resume_from, optimizer, scheduler, precision.scaler)
         start, beta = state["step"], state["extra"]["beta"]
-        critic.load_state_dict(state["extra"]["critic"])
+        load_full_state_dict(critic, state["extra"]["critic"])
     last = last_step(args, args.steps)
 
     def save(done):
         return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler,
-                               {"critic": critic.state_dict(), "beta": beta})
+                               {"critic": full_state_dict(critic), "beta": beta}, scaler=precision.scaler)
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -242,48 +240,50 @@ def train_ppo(args: PPOArgs):
                 break
             guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Rollout; 4.3 score (proxy); 4.4 log-probs under π_old and π_ref, values.
-            with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            temperature=args.temperature)
+            with precision.autocast():
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
                 with torch.no_grad():
                     old_values = critic(rollout["input_ids"], rollout["attention_mask"])[:, :-1]
-            # 4.5 KL-shaped per-token rewards; GAE advantages, whitened over the batch.
+            # 4.5 KL-shaped per-token rewards; GAE advantages, whitened over the batch of all ranks.
             rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, args.kl_estimator)
             advantages, returns = gae_advantages(rewards, old_values, mask, args.gamma, args.lam)
             data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
             data.update(old_logprobs=old_logprobs, old_values=old_values, returns=returns,
-                        advantages=masked_whiten(advantages, mask))
+                        advantages=global_masked_whiten(advantages, mask))
             # 4.6 PPO epochs over shuffled minibatches; micro-batches weighted by response tokens.
             update_metrics = []
             for _ in range(args.ppo_epochs):
-                order = torch.randperm(args.batch_size).tolist()
-                for first in range(0, args.batch_size, args.minibatch_size):
-                    rows = order[first : first + args.minibatch_size]
+                order = torch.randperm(rank_batch).tolist()
+                for first in range(0, rank_batch, rank_minibatch):
+                    rows = order[first : first + rank_minibatch]
                     micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
                     if ptx is not None:  # InstructGPT's ptx term: random SFT examples beside each micro-batch
                         for part, batch in micro:
                             batch.update(ptx_batch(ptx, tokenizer.pad_token_id, len(part), device))
-                    weights = accumulation_weights([response_tokens(batch) for _, batch in micro])
+                    weights = data_parallel_weights([response_tokens(batch) for _, batch in micro])
                     metrics = {}
-                    for (ids, batch), weight in zip(micro, weights):
-                        with autocast(device):
-                            loss, loss_metrics = ppo_loss(policy, critic, batch, args)
-                        backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
-                    metrics.update(optimizer_step(models, optimizer, scheduler, args.max_grad_norm,
-                                                  guard=guard, step=iteration, example_ids=rows))
+                    for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                        with gradient_sync(dp_models, last=k == len(micro) - 1):  # ranks average gradients once
+                            with precision.autocast():
+                                loss, loss_metrics = ppo_loss(*dp_models, batch, args)
+                            backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration,
+                                              example_ids=ids, scaler=precision.scaler)
+                    metrics.update(optimizer_step(models, optimizer, scheduler, args.max_grad_norm, guard=guard,
+                                                  step=iteration, example_ids=rows, scaler=precision.scaler))
                     update_metrics.append(metrics)
-            # 4.7 Adapt β to the measured KL per response; log.
-            sequence_kl = float(masked_sum(kl, mask) / len(scores))
+            # 4.7 Adapt β to the measured KL per response (of all ranks: β stays the same on each); log.
+            sequence_kl = mean_over_ranks(float(masked_sum(kl, mask) / len(scores)))
             if args.adaptive_kl:
                 beta = adapt_kl_coef(beta, sequence_kl, args.target_kl, args.batch_size, args.kl_horizon)
             metrics = {**average(update_metrics), "reward": float(scores.mean()), "kl": sequence_kl,
                        "shaped_reward": float(masked_sum(rewards, mask) / len(scores)), "beta": beta,
                        **response_metrics(rollout)}
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     if last == args.steps:
         save_model(critic, tokenizer, Path(args.out) / "critic")

@@ -10,6 +10,7 @@ their implicit-reward metrics.
 - **Implicit rewards.** β·(log π(y|x) − log π_ref(y|x)) of the chosen and the rejected response:
   their accuracy (ties ½) and margin are what to watch, with both summed log-probs.
 """
+import math
 import sys
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from minirlhf.core.reward_losses import pair_accuracy
 from minirlhf.data.atomic import atomic_file
 from minirlhf.data.collate import collate_preference, collate_sft, to_device
 from minirlhf.models.forward import response_logprobs
-from minirlhf.models.policy import load_policy
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast
+from minirlhf.train.distributed import gathered, is_main, rank_range
+from minirlhf.train.levers import reference_policy
+from minirlhf.train.runtime import autocast
 
 # The toy world's ~1M-parameter SFT policy, for DPO and KTO alike (applied to the fields not set
 # explicitly when no --model is given). A larger β than usual: with β = 0.1 both log-probs fall
@@ -31,10 +33,11 @@ from minirlhf.train.runtime import TRAIN_DTYPE, autocast
 TOY_PRESET = dict(lr=1e-4, beta=0.5, batch_size=32, epochs=1.0, max_len=64, max_prompt_len=32, eval_every=25)
 
 
-def sequence_logps(model, batch):
+def sequence_logps(model, batch, logprobs=response_logprobs):
     """``(log π(y|x) [N], |y| [N])``: summed response log-probs and response lengths of a batch
-    (one forward, logits from the first response token on)."""
-    token_logps, mask = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    (one forward, logits from the first response token on; ``logprobs``: ``response_logprobs`` or
+    ``fused_response_logprobs``, see ``levers.policy_logprobs``)."""
+    token_logps, mask = logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     return sequence_logprobs(token_logps, mask), mask.sum(-1).float()
 
 
@@ -46,23 +49,28 @@ def pair_rows(examples):
 
 
 @torch.no_grad()
-def reference_logps(model, rows, pad_id, batch_size, device):
+def reference_logps(model, rows, pad_id, batch_size, device, precision=None):
     """Summed log π_ref(y|x) of ``rows`` (dicts with ``input_ids``/``response_mask`` lists), ``[N]``
-    float32 on the CPU: computed once, before training."""
+    float32 on the CPU: computed once, before training, ``batch_size`` rows per forward, under
+    ``precision``'s autocast (default: ``runtime.autocast``). Under torchrun each rank computes its
+    part of the batches and every rank receives all of them."""
     model.eval()
     out = []
-    for start in range(0, len(rows), batch_size):
-        batch = to_device(collate_sft(rows[start : start + batch_size], pad_id), device)
-        with autocast(device):
+    for k in rank_range(math.ceil(len(rows) / batch_size)):
+        batch = to_device(collate_sft(rows[k * batch_size : (k + 1) * batch_size], pad_id), device)
+        with precision.autocast() if precision is not None else autocast(device):
             out.append(sequence_logps(model, batch)[0].float().cpu())
+    out = gathered(out)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def cached_reference_logps(args, resume_from, rows, pad_id, device):
+def cached_reference_logps(args, resume_from, rows, pad_id, precision, policy):
     """``{split: log π_ref [N]}`` for the ``rows`` of each split: read back from
-    ``<out>/reference_logps.pt`` when resuming, else computed with π_ref (``args.ref_model`` or
-    ``args.model``, freed afterwards) and saved there atomically. A cache that does not load or
-    does not match the rows (one float per row, finite) is computed again, with a warning."""
+    ``<out>/reference_logps.pt`` when resuming, else computed with π_ref (``levers.reference_policy``:
+    with LoRA ``policy``'s base model, else ``args.ref_model`` or ``args.model`` in the compute
+    dtype, freed afterwards), ``--micro-batch-size`` rows per forward, and saved there atomically
+    (by rank 0). A cache that does not load or does not match the rows (one float per row, finite)
+    is computed again, with a warning."""
     cache = Path(args.out) / "reference_logps.pt"
     if resume_from and cache.exists():
         problem = None
@@ -78,12 +86,14 @@ def cached_reference_logps(args, resume_from, rows, pad_id, device):
         if problem is None:
             return ref
         print(f"warning: {cache} is unusable ({problem}); computing the reference log-probs again", file=sys.stderr)
-    reference = load_policy(args.ref_model or args.model, dtype=TRAIN_DTYPE, device=device)
-    ref = {split: reference_logps(reference, split_rows, pad_id, args.batch_size, device)
+    reference = reference_policy(args, policy, precision.device, precision.dtype)
+    rows_per_pass = args.micro_batch_size or args.batch_size
+    ref = {split: reference_logps(reference, split_rows, pad_id, rows_per_pass, precision.device, precision)
            for split, split_rows in rows.items()}
     del reference
-    with atomic_file(cache, "wb") as f:
-        torch.save(ref, f)
+    if is_main():
+        with atomic_file(cache, "wb") as f:
+            torch.save(ref, f)
     return ref
 
 

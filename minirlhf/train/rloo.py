@@ -31,24 +31,28 @@ from minirlhf.core.grpo import rloo_advantages
 from minirlhf.core.logprobs import sequence_logprobs
 from minirlhf.core.masked import masked_sum
 from minirlhf.data.prompts import PromptSet
-from minirlhf.models.forward import response_logprobs, rollout_logprobs
-from minirlhf.models.policy import load_policy, load_tokenizer, make_reference
+from minirlhf.models.forward import rollout_logprobs
+from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_summary, is_toy_prompt
-from minirlhf.train.args import TrainArgs, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches, select_rows
+from minirlhf.train.args import PolicyTrainArgs, parse_args
+from minirlhf.train.batches import micro_batches, select_rows
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, gathered, rank_share
 from minirlhf.train.metrics import TrainingLog, response_metrics
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.rewards import load_reward
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.levers import load_trained_policy, policy_logprobs, reference_policy
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
 @dataclasses.dataclass
-class RLOOArgs(TrainArgs):
+class RLOOArgs(PolicyTrainArgs):
     """RLOO: REINFORCE with a leave-one-out baseline and the KL penalty in the reward."""
 
     reward: str = "math"
@@ -79,8 +83,8 @@ class RLOOArgs(TrainArgs):
 
 def reinforce_loss(policy, batch, args):
     """``−mean_i Â_i · log π_θ(y_i|x_i)`` on one micro-batch; returns ``(loss, metrics)``."""
-    logprobs, mask = response_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                       temperature=args.temperature)
+    logprobs, mask = policy_logprobs(args)(policy, batch["input_ids"], batch["attention_mask"],
+                                           batch["response_mask"], temperature=args.temperature)
     loss = -(batch["advantages"] * sequence_logprobs(logprobs, mask)).mean()
     return loss, {}
 
@@ -95,21 +99,28 @@ def train_rloo(args: RLOOArgs):
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "rloo")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
-    # 2. Tokenizer, frozen reference, policy (from the checkpoint when resuming), reward, prompts.
+    # 2. Tokenizer, policy (from the checkpoint when resuming; LoRA, checkpointing), frozen reference
+    #    (with LoRA: the policy's adapters off), reward, prompts.
     tokenizer = load_tokenizer(args.model)
-    reference = make_reference(load_policy(args.model, dtype=TRAIN_DTYPE, device=device))
-    policy = load_policy(str(resume_from or args.model), dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
-    reward_fn = load_reward(args.reward, device=device)
+    policy = load_trained_policy(args, resume_from, device, precision.dtype)
+    reference = reference_policy(args, policy, device, precision.dtype)
+    reward_fn = load_reward(args.reward, device=device, dtype=precision.dtype)
     prompts = PromptSet(args.data, tokenizer, args.template, args.batch_size, args.seed, args.max_prompt_len,
                         args.system_prompt)
     log_gold = all(map(is_toy_prompt, prompts.texts))
 
-    # 3. Optimizer and schedule (one step per iteration); resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `policy` itself in one process): each rank samples
+    #    its share of the prompts. Optimizer and schedule (one step per iteration); resume state.
+    dp_policy = data_parallel(policy, args.fsdp, reshard_after_forward=False)
     optimizer = make_optimizer(policy.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     last = last_step(args, args.steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, policy, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 4. The loop; `iteration` iterations are done at the top of each pass.
     policy.train()
@@ -117,14 +128,14 @@ def train_rloo(args: RLOOArgs):
         for iteration in range(start, last + 1):
             # 4.1 Checkpoint; stop.
             if checkpoint_due(args, iteration, start, last):
-                save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler)
+                save(iteration)
             if iteration == last:
                 break
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, iteration, policy, tokenizer, optimizer, scheduler))
+            guard = DivergenceGuard(lambda: save(iteration))
             # 4.2 Rollout; reward; log-probs under π_old and π_ref.
-            with autocast(device):
-                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device), args.max_new_tokens,
-                                            n_per_prompt=args.group_size, temperature=args.temperature)
+            with precision.autocast():
+                rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
+                                            args.max_new_tokens, n_per_prompt=args.group_size, temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size, args.temperature)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size, args.temperature)
@@ -133,17 +144,20 @@ def train_rloo(args: RLOOArgs):
             advantages = rloo_advantages(scores - args.beta * sequence_kl, args.group_size)
             data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
             data["advantages"] = advantages
-            # 4.4 One REINFORCE step; micro-batches weigh by their share of the rows (a mean over rows).
+            # 4.4 One REINFORCE step; micro-batches weigh by their share of the rows of all ranks (a mean
+            #     over rows).
             rows = list(range(len(scores)))
             micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
-            weights = accumulation_weights([len(part) for part, _ in micro])
+            weights = data_parallel_weights([len(part) for part, _ in micro])
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    loss, loss_metrics = reinforce_loss(policy, batch, args)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids)
-            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm,
-                                          guard=guard, step=iteration, example_ids=rows))
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_policy, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with precision.autocast():
+                        loss, loss_metrics = reinforce_loss(dp_policy, batch, args)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=iteration, example_ids=ids,
+                                      scaler=precision.scaler)
+            metrics.update(optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=iteration,
+                                          example_ids=rows, scaler=precision.scaler))
             # 4.5 Log.
             metrics.update({
                 "reward": float(scores.mean()),
@@ -152,7 +166,7 @@ def train_rloo(args: RLOOArgs):
                 **response_metrics(rollout),
             })
             if log_gold:
-                metrics.update(gold_summary(rollout["prompts"], rollout["responses"]))
+                metrics.update(gold_summary(gathered(rollout["prompts"]), gathered(rollout["responses"])))
             log.train(iteration + 1, metrics)
     return final_path(args, policy, tokenizer, last, args.steps)
 

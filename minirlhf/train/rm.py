@@ -32,12 +32,16 @@ from minirlhf.errors import MinirlhfError
 from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.train.args import TrainArgs, apply_toy_preset, data_limits, parse_args
-from minirlhf.train.batches import accumulation_weights, micro_batches
+from minirlhf.train.batches import micro_batches
 from minirlhf.train.checkpoints import (
     checkpoint_due, final_path, last_step, load_training_state, prepare_run, save_checkpoint,
 )
+from minirlhf.train.distributed import data_parallel_weights, rank_share
 from minirlhf.train.metrics import TrainingLog, eval_due
 from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step
+from minirlhf.train.parallel import data_parallel, gradient_sync
+from minirlhf.train.levers import enable_gradient_checkpointing
+from minirlhf.train.precision import Precision
 from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
 from minirlhf.train.toy_world import load_toy_world
 
@@ -97,14 +101,15 @@ def kwise_rm_loss(model, batch):
 
 
 @torch.no_grad()
-def pair_scores(model, examples, pad_id, batch_size, device):
+def pair_scores(model, examples, pad_id, batch_size, device, precision=None):
     """``(chosen [N], rejected [N])`` end scores r(x, y_w), r(x, y_l) of preference examples (float32,
-    CPU); one forward per batch over the concatenated ``[2B, L]`` pairs."""
+    CPU); one forward per batch over the concatenated ``[2B, L]`` pairs, under ``precision``'s
+    autocast (default: ``runtime.autocast``)."""
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
         batch = to_device(collate_preference(examples[start : start + batch_size], pad_id), device)
-        with autocast(device):
+        with precision.autocast() if precision is not None else autocast(device):
             _, end_scores = model(batch["input_ids"], batch["attention_mask"])
         c, r = end_scores.float().cpu().chunk(2)
         chosen.append(c)
@@ -129,17 +134,18 @@ def rm_metrics(chosen, rejected):
 
 
 @torch.no_grad()
-def evaluate_rm(model, examples, args, pad_id, device):
+def evaluate_rm(model, examples, args, pad_id, precision):
     """Test-split metrics: ``rm_metrics`` of the pairs, or the K-wise loss's metrics averaged over
-    the rankings (weighted by prompts)."""
+    the rankings (weighted by prompts); ``--micro-batch-size`` examples per forward (else ``--batch-size``)."""
     model.eval()
+    size = args.micro_batch_size or args.batch_size
     if args.loss != "kwise":
-        return rm_metrics(*pair_scores(model, examples, pad_id, args.batch_size, device))
+        return rm_metrics(*pair_scores(model, examples, pad_id, size, precision.device, precision))
     totals = {}
-    for start in range(0, len(examples), args.batch_size):
-        chunk = examples[start : start + args.batch_size]
-        with autocast(device):
-            loss, metrics = kwise_rm_loss(model, to_device(collate_rankings(chunk, pad_id), device))
+    for start in range(0, len(examples), size):
+        chunk = examples[start : start + size]
+        with precision.autocast():
+            loss, metrics = kwise_rm_loss(model, to_device(collate_rankings(chunk, pad_id), precision.device))
         for name, value in {"loss": loss, **metrics}.items():
             totals[name] = totals.get(name, 0.0) + float(value) * len(chunk) / len(examples)
     return totals
@@ -161,6 +167,7 @@ def train_rm(args: RMArgs):
             args.template = world.templates["pref_train"]
     resume_from = prepare_run(args, "rm")
     device = select_device(args.device)
+    precision = Precision(args.precision, device)
 
     # 2. Tokenizer, reward model (SFT backbone + new head, or the checkpoint), data and test split.
     tokenizer = load_tokenizer(args.model)
@@ -169,6 +176,8 @@ def train_rm(args: RMArgs):
         model = RewardModel.from_pretrained(resume_from, dtype=TRAIN_DTYPE, device=device, keep_dropout=args.keep_dropout)
     else:
         model = RewardModel.from_causal_lm(args.model, dtype=TRAIN_DTYPE, device=device, seed=args.seed, keep_dropout=args.keep_dropout)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     limits, kwise = data_limits(args), args.loss == "kwise"
     if kwise:
         load = lambda path: load_ranking_data(path, tokenizer, system_prompt=args.system_prompt, **limits)  # noqa: E731
@@ -182,43 +191,51 @@ def train_rm(args: RMArgs):
     else:  # a held-out slice of --data, fixed by the seed
         train_examples, eval_examples = hold_out(train_examples, args.eval_fraction, args.seed)
 
-    # 3. Optimizer, schedule, deterministic batch order; resume state.
+    # 3. Data parallelism (DDP, or FSDP2 with --fsdp; `model` itself in one process), optimizer,
+    #    schedule, deterministic batch order; resume state.
+    dp_model = data_parallel(model, args.fsdp)
     schedule = BatchSchedule(len(train_examples), args.batch_size, args.epochs, args.seed)
     optimizer = make_optimizer(model.parameters(), args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, schedule.total_steps, args.warmup_ratio, args.lr_schedule)
-    start = load_training_state(resume_from, optimizer, scheduler)["step"] if resume_from else 0
+    start = load_training_state(resume_from, optimizer, scheduler, precision.scaler)["step"] if resume_from else 0
     total, last = schedule.total_steps, last_step(args, schedule.total_steps)
+
+    def save(done):
+        return save_checkpoint(args.out, done, model, tokenizer, optimizer, scheduler, scaler=precision.scaler)
 
     # 4. The loop; `step` optimizer steps are done at the top of each pass.
     eval_metrics = {}
     with TrainingLog(args, start, total, last, desc="rm") as log:
         for step in range(start, last + 1):
-            # 4.1 Evaluate and checkpoint.
-            if eval_examples and eval_due(args, step, start, total):
-                eval_metrics = evaluate_rm(model, eval_examples, args, pad_id, device)
-                log.eval(step, eval_metrics)
+            # 4.1 Checkpoint (first: an evaluation that runs out of memory loses nothing) and evaluate.
             if checkpoint_due(args, step, start, last):
-                save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler)
+                save(step)
+            if eval_examples and eval_due(args, step, start, total):
+                eval_metrics = evaluate_rm(model, eval_examples, args, pad_id, precision)
+                log.eval(step, eval_metrics)
             # 4.2 Stop.
             if step == last:
                 break
-            # 4.3 Forward/backward: micro-batches weighted by their share of the pairs (rankings).
+            # 4.3 Forward/backward: this rank's share of the batch, in micro-batches weighted by their
+            #     share of the batch's pairs (rankings), counted over all ranks.
             model.train()
             indices = schedule.batch(step)
             micro = [(ids, to_device(collate([train_examples[i] for i in ids], pad_id), device))
-                     for ids in micro_batches(indices, args.micro_batch_size)]
-            weights = accumulation_weights([len(ids) for ids, _ in micro])
-            guard = DivergenceGuard(lambda: save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler))
+                     for ids in micro_batches(rank_share(indices), args.micro_batch_size)]
+            weights = data_parallel_weights([len(ids) for ids, _ in micro])
+            guard = DivergenceGuard(lambda: save(step))
             metrics = {}
-            for (ids, batch), weight in zip(micro, weights):
-                with autocast(device):
-                    if kwise:
-                        loss, loss_metrics = kwise_rm_loss(model, batch)
-                    else:
-                        loss, loss_metrics = pairwise_rm_loss(model, batch, args.margin, args.center_coef)
-                backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids)
-            metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm,
-                                          guard=guard, step=step, example_ids=indices))
+            for k, ((ids, batch), weight) in enumerate(zip(micro, weights)):
+                with gradient_sync(dp_model, last=k == len(micro) - 1):  # ranks average gradients once per step
+                    with precision.autocast():
+                        if kwise:
+                            loss, loss_metrics = kwise_rm_loss(dp_model, batch)
+                        else:
+                            loss, loss_metrics = pairwise_rm_loss(dp_model, batch, args.margin, args.center_coef)
+                    backward_weighted(loss, loss_metrics, weight, metrics, guard=guard, step=step, example_ids=ids,
+                                      scaler=precision.scaler)
+            metrics.update(optimizer_step(model, optimizer, scheduler, args.max_grad_norm, guard=guard, step=step,
+                                          example_ids=indices, scaler=precision.scaler))
             # 4.4 Log.
             metrics["epoch"] = (step + 1) / schedule.steps_per_epoch
             log.train(step + 1, metrics)

@@ -2,7 +2,8 @@
 
 CUDA when available, else the CPU. Weights train in float32; on CUDA the matmuls run in bf16 under
 ``autocast``. ``seed_everything`` seeds Python, NumPy and torch; a checkpoint stores ``rng_state()``
-so that a resumed run draws exactly the random numbers (dropout, sampling) it would have drawn.
+(each rank's, under torchrun) so that a resumed run draws exactly the random numbers (dropout,
+sampling) it would have drawn.
 """
 import random
 from contextlib import contextmanager, nullcontext
@@ -11,12 +12,16 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from minirlhf.train.distributed import local_rank, world_size
+
 
 def select_device(device=None):
-    """``torch.device(device)``, or CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``torch.device(device)``, or CUDA when available, else CPU. Under torchrun, CUDA means this
+    process's GPU (``cuda:LOCAL_RANK``)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return device
 
 
 # Trained weights (and the reference) are loaded in float32 whatever the checkpoint stores (Qwen2.5

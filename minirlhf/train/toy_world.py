@@ -32,6 +32,7 @@ from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.toy.corpus import CorpusSizes
 from minirlhf.toy.measure import measure_policy
 from minirlhf.toy.world import SFT_DIR, SFT_EVAL, file_digests, load_world
+from minirlhf.train.distributed import init_distributed, local_main_first
 from minirlhf.train.runtime import torch_threads
 from minirlhf.train.sft import TOY_PRESET, SFTArgs, train_sft
 
@@ -42,11 +43,14 @@ BUILD_THREADS, BUILD_DEVICE = 1, "cpu"
 
 def load_toy_world(seed=0, cache_dir=None, sft=True, sizes=CorpusSizes()):
     """The toy world for ``seed`` (``minirlhf.toy.load_world``), with its SFT policy trained and
-    cached on first use (``sft=False`` skips it: seconds instead of a minute)."""
+    cached on first use (``sft=False`` skips it: seconds instead of a minute). Under torchrun each
+    machine's local rank 0 trains it, as a lone process, while the other ranks wait."""
     world = load_world(seed=seed, cache_dir=cache_dir, sizes=sizes)
     if sft and world.sft_model is None:
-        with torch_threads(BUILD_THREADS):
-            write_dir_atomic(world.dir / SFT_DIR, lambda tmp: build_sft_policy(world, tmp), keep_existing=True)
+        init_distributed()
+        with local_main_first(), torch_threads(BUILD_THREADS):
+            if load_world(seed=seed, cache_dir=cache_dir, sizes=sizes).sft_model is None:
+                write_dir_atomic(world.dir / SFT_DIR, lambda tmp: build_sft_policy(world, tmp), keep_existing=True)
         world = load_world(seed=seed, cache_dir=cache_dir, sizes=sizes)
     return world
 
