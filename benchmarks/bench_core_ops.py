@@ -38,7 +38,7 @@ from minirlhf.train.batches import micro_batches  # noqa: E402
 from minirlhf.train.optim import (  # noqa: E402
     DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step,
 )
-from minirlhf.train.runtime import autocast  # noqa: E402
+from minirlhf.train.precision import Precision  # noqa: E402
 
 TARGET_FRACTION = 0.01
 GROUP_SIZE = 8
@@ -140,7 +140,7 @@ def training_step_seconds(args, device):
     def step():
         totals = {}
         for ids in micro_batches(rows, args.micro_batch):
-            with autocast(device):
+            with Precision("auto", device).autocast():
                 loss, metrics = loss_fn(ids)
             backward_weighted(loss, metrics, len(ids) / len(rows), totals, guard=guard, step=0, example_ids=ids)
         optimizer_step(model, optimizer, scheduler, 1.0, guard=guard, step=0, example_ids=rows)

@@ -52,7 +52,7 @@ from minirlhf.train.optim import (  # noqa: E402
     DivergenceGuard, backward_weighted, make_optimizer as adamw, make_scheduler, optimizer_step as adamw_step,
 )
 from minirlhf.train.preference import pair_rows, reference_logps  # noqa: E402
-from minirlhf.train.runtime import autocast  # noqa: E402
+from minirlhf.train.precision import Precision  # noqa: E402
 
 VARIANTS = ("ours", "naive")
 BETA = 0.1
@@ -107,7 +107,7 @@ def naive_loss(policy, reference, batches):
 
 def forward_backward(loss_fn, batch, device, guard, step):
     """One micro-batch's forward and backward exactly as the trainers run it; returns the metrics."""
-    with autocast(device):
+    with Precision("auto", device).autocast():
         loss, metrics = loss_fn(batch)
     return backward_weighted(loss, metrics, 1.0, {}, guard=guard, step=step, example_ids=[0])
 

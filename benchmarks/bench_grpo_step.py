@@ -40,7 +40,7 @@ from minirlhf.train.grpo import GRPOArgs, grpo_step_loss, micro_batch_weights  #
 from minirlhf.train.optim import (  # noqa: E402
     DivergenceGuard, backward_weighted, make_optimizer, make_scheduler, optimizer_step,
 )
-from minirlhf.train.runtime import autocast  # noqa: E402
+from minirlhf.train.precision import Precision  # noqa: E402
 
 PHASES = ("generation", "reward", "log-probs (old + ref)", "advantages", "update")
 
@@ -86,7 +86,7 @@ def grpo_step(policy, reference, optimizer, scheduler, prompts, args, device, ge
         seconds[name] = time.perf_counter() - start
         return out
 
-    with autocast(device):
+    with Precision("auto", device).autocast():
         rollout = phase("generation", lambda: generate_rollouts(
             policy, TokenIdDecoder(policy.config), prompts, args.max_new_tokens, n_per_prompt=args.group_size,
             temperature=args.temperature, generator=generator))
@@ -107,7 +107,7 @@ def grpo_step(policy, reference, optimizer, scheduler, prompts, args, device, ge
         micro = [(part, select_rows(data, part)) for part in micro_batches(rows, args.micro_batch_size)]
         guard, totals = DivergenceGuard(lambda: None), {}
         for (ids, batch), weight in zip(micro, micro_batch_weights(micro, args.aggregation)):
-            with autocast(device):
+            with Precision("auto", device).autocast():
                 loss, metrics = grpo_step_loss(policy, batch, args)
             backward_weighted(loss, metrics, weight, totals, guard=guard, step=0, example_ids=ids)
         optimizer_step(policy, optimizer, scheduler, args.max_grad_norm, guard=guard, step=0, example_ids=rows)
@@ -136,7 +136,7 @@ def compare_cache(policy, prompts, args, device):
     mask = prompts["attention_mask"].repeat_interleave(args.group_size, dim=0)[: args.compare_rows]
     never = [-1]  # no stop token: both loops generate exactly max_new_tokens
     out = {}
-    with autocast(device):
+    with Precision("auto", device).autocast():
         functions = {
             "with KV cache": lambda: out.__setitem__("with KV cache", sample_responses(
                 policy, ids, mask, args.max_new_tokens, never, policy.config.pad_token_id, temperature=0)[0]),

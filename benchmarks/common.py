@@ -77,7 +77,7 @@ def model_config(shape):
 
 def build_model(shape, device, seed=0):
     """A randomly initialised ``Qwen2ForCausalLM`` of ``shape`` (float32 weights: on CUDA the
-    trainers run them under bf16 autocast, see ``minirlhf.train.runtime.autocast``)."""
+    trainers run them under bf16 autocast, see ``minirlhf.train.precision.Precision``)."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)

@@ -40,7 +40,8 @@ from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.toy.measure import gold_scores, is_toy_prompt
 from minirlhf.train.args import parse_args
-from minirlhf.train.runtime import autocast, select_device
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import select_device
 from minirlhf.train.toy_world import load_toy_world
 
 
@@ -97,7 +98,7 @@ def generate_records(model, tokenizer, examples, n=1, max_new_tokens=32, tempera
         chunk = examples[start : start + batch_size]
         batch = prompt_batch(chunk, tokenizer.pad_token_id, device)
         generator = None if seed is None else batch_generator(seed, first + start, device)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), Precision("auto", device).autocast():
             rollout = generate_rollouts(model, tokenizer, batch, max_new_tokens, n_per_prompt=n, temperature=temperature,
                                         generator=generator)
         width = batch["input_ids"].shape[1]

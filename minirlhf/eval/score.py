@@ -43,7 +43,8 @@ from minirlhf.models.policy import load_tokenizer
 from minirlhf.models.reward_model import load_reward_model
 from minirlhf.toy.measure import gold_scores, is_toy_prompt
 from minirlhf.train.args import parse_args
-from minirlhf.train.runtime import autocast, quiet_transformers, select_device
+from minirlhf.train.precision import Precision
+from minirlhf.train.runtime import quiet_transformers, select_device
 
 
 @dataclasses.dataclass
@@ -159,7 +160,7 @@ def score_generations(model, tokenizer, generations, *, batch_size=32, max_len=5
     scores = []
     for start in range(0, len(rows), batch_size):
         batch = to_device(collate_sft(rows[start : start + batch_size], tokenizer.pad_token_id), device)
-        with autocast(device):
+        with Precision("auto", device).autocast():
             scores += model(batch["input_ids"], batch["attention_mask"])[1].float().cpu().tolist()
     scores = iter(scores)
     return [next(scores) if fit else None for fit in fits]

@@ -24,7 +24,7 @@ from minirlhf.data.collate import collate_preference, collate_sft, to_device
 from minirlhf.models.forward import response_logprobs
 from minirlhf.train.distributed import gathered, is_main, rank_range
 from minirlhf.train.levers import reference_policy
-from minirlhf.train.runtime import autocast
+from minirlhf.train.precision import Precision
 
 # The toy world's ~1M-parameter SFT policy, for DPO and KTO alike (applied to the fields not set
 # explicitly when no --model is given). A larger β than usual: with β = 0.1 both log-probs fall
@@ -52,13 +52,13 @@ def pair_rows(examples):
 def reference_logps(model, rows, pad_id, batch_size, device, precision=None):
     """Summed log π_ref(y|x) of ``rows`` (dicts with ``input_ids``/``response_mask`` lists), ``[N]``
     float32 on the CPU: computed once, before training, ``batch_size`` rows per forward, under
-    ``precision``'s autocast (default: ``runtime.autocast``). Under torchrun each rank computes its
+    ``precision``'s autocast (default: ``--precision auto``'s). Under torchrun each rank computes its
     part of the batches and every rank receives all of them."""
     model.eval()
     out = []
     for k in rank_range(math.ceil(len(rows) / batch_size)):
         batch = to_device(collate_sft(rows[k * batch_size : (k + 1) * batch_size], pad_id), device)
-        with precision.autocast() if precision is not None else autocast(device):
+        with (precision or Precision("auto", device)).autocast():
             out.append(sequence_logps(model, batch)[0].float().cpu())
     out = gathered(out)
     return torch.cat(out) if out else torch.zeros(0)

@@ -42,7 +42,7 @@ from minirlhf.train.optim import DivergenceGuard, backward_weighted, make_optimi
 from minirlhf.train.parallel import data_parallel, gradient_sync
 from minirlhf.train.levers import enable_gradient_checkpointing
 from minirlhf.train.precision import Precision
-from minirlhf.train.runtime import TRAIN_DTYPE, autocast, select_device
+from minirlhf.train.runtime import TRAIN_DTYPE, select_device
 from minirlhf.train.toy_world import load_toy_world
 
 # The toy world's ~1M-parameter SFT backbone wants a larger learning rate and shorter sequences
@@ -104,12 +104,12 @@ def kwise_rm_loss(model, batch):
 def pair_scores(model, examples, pad_id, batch_size, device, precision=None):
     """``(chosen [N], rejected [N])`` end scores r(x, y_w), r(x, y_l) of preference examples (float32,
     CPU); one forward per batch over the concatenated ``[2B, L]`` pairs, under ``precision``'s
-    autocast (default: ``runtime.autocast``)."""
+    autocast (default: ``--precision auto``'s)."""
     model.eval()
     chosen, rejected = [], []
     for start in range(0, len(examples), batch_size):
         batch = to_device(collate_preference(examples[start : start + batch_size], pad_id), device)
-        with precision.autocast() if precision is not None else autocast(device):
+        with (precision or Precision("auto", device)).autocast():
             _, end_scores = model(batch["input_ids"], batch["attention_mask"])
         c, r = end_scores.float().cpu().chunk(2)
         chosen.append(c)

@@ -6,7 +6,7 @@ CUDA when available, else the CPU. Weights train in float32; on CUDA the matmuls
 sampling) it would have drawn.
 """
 import random
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -24,21 +24,10 @@ def select_device(device=None):
     return device
 
 
-# Trained weights (and the reference) are loaded in float32 whatever the checkpoint stores (Qwen2.5
-# ships bf16): AdamW updates of size lr·1e-3 vanish when rounded to bf16's 8 mantissa bits. On
-# CUDA the matmuls still run in bf16 through ``autocast``.
+# Trained weights are loaded in float32 whatever the checkpoint stores (Qwen2.5 ships bf16): AdamW
+# updates of size lr·1e-3 vanish when rounded to bf16's 8 mantissa bits. The matmuls still run in
+# the compute dtype through ``precision.Precision.autocast``.
 TRAIN_DTYPE = torch.float32
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (weights stay float32, matmuls run in bf16); a no-op on CPU.
-
-    Log-probs and losses are computed in float32 by the core functions either way.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def seed_everything(seed):
