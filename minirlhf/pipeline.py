@@ -10,7 +10,8 @@ sampled from, so every stage can be measured against the truth instead of agains
 1. **SFT.** The toy world's SFT policy (``train_sft`` on a corpus that imitates good *and* bad
    responses), built once and cached; it is π_ref for everything below.
 2. **RM.** A Bradley–Terry reward model on the preference pairs; its test accuracy is compared
-   with the Bayes-optimal accuracy E[σ(|Δr*|)] that no model can beat on BT-sampled labels.
+   with the Bayes-optimal accuracy E[σ(|Δr*|)] that no model can beat on BT-sampled labels, and
+   its gap to that ceiling is measured in expectation over each pair's label (``bayes_gap``).
 3. **DPO** on the same pairs (offline).
 4. **PPO** against the RM with the KL-shaped reward (β = 1).
 5. **PPO, small β**: the same with β = 0.01 — the policy drifts far from π_ref and
@@ -33,7 +34,6 @@ run again either.
 """
 import dataclasses
 import json
-import math
 import sys
 import time
 import typing
@@ -43,19 +43,21 @@ import torch
 
 from minirlhf.core.masked import masked_sum
 from minirlhf.data.atomic import atomic_file, remove_dir, write_text_atomic
-from minirlhf.data.datasets import load_prompt_data
+from minirlhf.data.datasets import load_prompt_data, read_records
 from minirlhf.data.prompts import prompt_batch
 from minirlhf.eval import plots
 from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
 from minirlhf.eval.overoptimisation import plot_overoptimisation
-from minirlhf.eval.uncertainty import paired_gain, prompt_mean_se
+from minirlhf.eval.uncertainty import mean_se, paired_gain, prompt_mean_se
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import rollout_logprobs
 from minirlhf.models.policy import load_policy, load_tokenizer
 from minirlhf.models.sampling import generate_rollouts
 from minirlhf.pipeline_report import Lesson, check_lessons, load_average, machine, write_seed_report, write_seeds_report
-from minirlhf.toy.language import math_correct, parse_prompt
-from minirlhf.toy.measure import filler_count, gold_scores
+from minirlhf.toy.corpus import bayes_accuracy
+from minirlhf.toy.language import gold_reward, math_correct, parse_prompt
+from minirlhf.toy.measure import bayes_gap, filler_count, gold_scores
+from minirlhf.toy.world import VERSION as TOY_WORLD_VERSION
 from minirlhf.train.args import parse_args
 from minirlhf.train.checkpoints import checkpoint_dirs, latest_checkpoint
 from minirlhf.train.dpo import DPOArgs, train_dpo
@@ -255,8 +257,10 @@ def make_plots(out, rm_eval_dir, per_response, ppo_runs):
 
 
 def settings(args):
-    """What a seed's results depend on: a rerun reuses a finished seed's results only when these match."""
-    return {key: getattr(args, key) for key in ("seed", "quick", "online_dpo", "eval_prompts", "eval_samples")}
+    """What a seed's results depend on: a rerun reuses a finished seed's results only when these match
+    (and when they came from this version of the toy world)."""
+    return {"toy_world": TOY_WORLD_VERSION,
+            **{key: getattr(args, key) for key in ("seed", "quick", "online_dpo", "eval_prompts", "eval_samples")}}
 
 
 def run_seed(args: PipelineArgs):
@@ -287,18 +291,20 @@ def run_seed(args: PipelineArgs):
                                                template=world.templates["pref_test"], out=str(out / "rm" / "eval"),
                                                seed=args.seed, device=args.device))
 
-    # 3.-7. The policies, each starting from the SFT policy.
+    # 3.-7. The policies, each starting from this seed's SFT policy (named explicitly: a trainer's own
+    #       defaults are the seed-0 toy world) and the online ones sampling this seed's prompts.
     policies = {"SFT": Path(sft)}
     policies["DPO"] = run_stage("dpo", args, train_dpo, stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline}), log)
     for name, stage, beta in (("PPO", "ppo", PPO_BETA), ("PPO (small β)", "ppo_small_beta", SMALL_BETA)):
-        ppo = stage_args(PPOArgs, args, "ppo", reward=str(rm), beta=beta, steps=PPO_STEPS)
+        ppo = stage_args(PPOArgs, args, "ppo", model=sft, data=str(world.prompts), reward=str(rm), beta=beta,
+                         steps=PPO_STEPS)
         policies[name] = run_stage(stage, args, train_ppo, ppo, log)
     for name, stage, reward, prompts in (("GRPO (math)", "grpo_math", "math", world.math_prompts),
                                          ("GRPO (gold)", "grpo_gold", "gold", world.prompts)):
-        grpo = stage_args(GRPOArgs, args, "grpo", reward=reward, data=str(prompts))
+        grpo = stage_args(GRPOArgs, args, "grpo", model=sft, data=str(prompts), reward=reward)
         policies[name] = run_stage(stage, args, train_grpo, grpo, log)
     if args.online_dpo:
-        online = stage_args(OnlineDPOArgs, args, "online_dpo", reward=str(rm))
+        online = stage_args(OnlineDPOArgs, args, "online_dpo", model=sft, data=str(world.prompts), reward=str(rm))
         policies["online DPO"] = run_stage("online_dpo", args, train_online_dpo, online, log)
 
     # 8. Evaluate every policy on the held-out prompts: means ± SE, gains over SFT paired by prompt.
@@ -314,8 +320,13 @@ def run_seed(args: PipelineArgs):
         per_response[name] = evaluate_policy(policy, reference, reward_model, tokenizer, batches, args.eval_samples)
         means[name], errors[name], gains[name] = summarise(per_response[name], per_response["SFT"])
         log(f"[eval] {name}: gold {means[name]['gold']:+.2f}, RM {means[name]['proxy']:+.2f}, KL {means[name]['kl']:.2f}")
-    bayes, accuracy = world.bayes_accuracy["pref_test"], rm_eval["model"]["accuracy"]
-    gains["RM"] = {"bayes_gap": (bayes - accuracy, math.sqrt(accuracy * (1 - accuracy) / rm_eval["pairs"]))}
+    # The RM's gap to the Bayes ceiling, in expectation over each test pair's Bradley–Terry label.
+    pairs = read_records(out / "rm" / "eval" / "pair_scores.jsonl")
+    for model in ("model", "baseline"):
+        rm_eval[model]["bayes_gap"] = mean_se([bayes_gap(p["prompt"], p["chosen"], p["rejected"], p[f"{model}_chosen_score"],
+                                                         p[f"{model}_rejected_score"]) for p in pairs])
+    bayes = bayes_accuracy([(gold_reward(p["prompt"], p["chosen"]), gold_reward(p["prompt"], p["rejected"])) for p in pairs])
+    gains["RM"] = {"bayes_gap": rm_eval["model"]["bayes_gap"]}
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})

@@ -65,3 +65,38 @@ def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
     assert dpo["sd"] == pytest.approx(math.sqrt(0.5))
     report = (seeds_out / "report.md").read_text()
     assert "| seed 0 | seed 1 | mean ± sd |" in report
+
+
+def test_every_stage_trains_from_the_seeds_own_world(tmp_path, monkeypatch):
+    """A trainer's own defaults are the seed-0 toy world: the pipeline must name seed s's SFT policy
+    and prompts for every stage, or seed s's policies start from another world's SFT policy."""
+    from types import SimpleNamespace
+
+    from minirlhf import pipeline
+
+    root = tmp_path / "toy-7"
+    files = {name: root / "data" / f"{name}.jsonl" for name in ("pref_train", "pref_test", "prompts", "math_prompts")}
+    world = SimpleNamespace(sft_model=root / "sft", templates={"pref_test": "align_anything"}, **files)
+    trained = {}
+
+    class Evaluating(Exception):
+        pass
+
+    def fake_stage(name, args, train_fn, stage_args, log):
+        trained[name] = stage_args
+        return tmp_path / "run" / name / "final"
+
+    def stop(*args, **kwargs):
+        raise Evaluating
+
+    monkeypatch.setattr(pipeline, "load_toy_world", lambda seed: world if seed == 7 else pytest.fail(f"world {seed}"))
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    monkeypatch.setattr(pipeline, "evaluate_reward_model", lambda args: {})
+    monkeypatch.setattr(pipeline, "load_tokenizer", stop)
+    with pytest.raises(Evaluating):
+        pipeline.run_seed(pipeline.PipelineArgs(out=str(tmp_path / "run"), seed=7, progress=False))
+    assert sorted(trained) == ["dpo", "grpo_gold", "grpo_math", "online_dpo", "ppo", "ppo_small_beta", "rm"]
+    for name, args in trained.items():
+        assert (name, args.model, args.seed) == (name, str(world.sft_model), 7)
+        assert args.data in {str(path) for path in files.values()}, name
+    assert trained["grpo_math"].data == str(files["math_prompts"]) and trained["ppo"].data == str(files["prompts"])

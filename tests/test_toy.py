@@ -217,6 +217,29 @@ def test_length_bias_is_planted_in_the_preference_data(full_corpus):
     assert all(gold_reward(q, add_filler(y, 2, random.Random(0))) < gold_reward(q, y) for q, y in chosen[:200])
 
 
+def test_a_gold_tie_stays_a_tie_after_filler(monkeypatch):
+    """The bias is planted where quality differs; two equally good responses get the same filler, so
+    their label is a fair coin and no ranker (the RM or r*) can gain or lose on them."""
+    from minirlhf.toy import corpus
+
+    calls = []
+    monkeypatch.setattr(corpus, "add_filler", lambda response, n, rng: calls.append((response, n)) or add_filler(response, n, rng))
+    rng, ties = random.Random(0), 0
+    for prompt in language.all_prompts() * 5:
+        calls.clear()
+        pair = corpus.preference_pair(prompt, rng)
+        if pair is None:
+            continue
+        (a, fill_a), (b, fill_b) = calls
+        if gold_reward(prompt.text, a) == gold_reward(prompt.text, b):
+            ties += 1
+            assert fill_a == fill_b and gold_reward(prompt.text, pair[0]) == gold_reward(prompt.text, pair[1])
+        else:
+            better, worse = (fill_a, fill_b) if gold_reward(prompt.text, a) > gold_reward(prompt.text, b) else (fill_b, fill_a)
+            assert 1 <= better <= 3 and 0 <= worse <= 1
+    assert ties > 20
+
+
 def test_sft_data_is_mediocre_on_purpose(full_corpus):
     """Demonstrations mix good and bad answers: imitating them leaves room for alignment."""
     records = read_jsonl(full_corpus.sft_train)
@@ -347,6 +370,26 @@ def test_gold_summary_means_and_math_accuracy_over_math_prompts_only():
                                                      "gold_harmless": harmless_score(prompts[0], responses[0])}
     assert [is_toy_prompt(p) for p in (prompts[0], "what is the capital of France?", None)] == [True, False, False]
     assert filler_count(responses[2]) == 1 and filler_count("") == 0
+
+
+def test_bayes_gap_is_the_expected_accuracy_lost_against_the_gold_ranker():
+    from minirlhf.toy.measure import bayes_gap
+
+    prompt, right, wrong = "what is 3 plus 4 ?", "the answer is 7 .", "the answer is 6 ."
+    delta = gold_reward(prompt, right) - gold_reward(prompt, wrong)
+    assert delta == 3.0
+    assert bayes_gap(prompt, right, wrong, 2.0, -1.0) == 0.0 == bayes_gap(prompt, wrong, right, -1.0, 2.0)
+    assert bayes_gap(prompt, right, wrong, -1.0, 2.0) == pytest.approx(sigmoid(3.0) - sigmoid(-3.0))
+    assert bayes_gap(prompt, right, wrong, 0.5, 0.5) == pytest.approx(sigmoid(3.0) - 0.5)
+    padded = "the answer is really 7 ."  # the same, with a filler word (−0.1)
+    assert bayes_gap(prompt, right, padded, 0.0, 9.0) == pytest.approx(sigmoid(0.1) - sigmoid(-0.1))
+    # brute force: labels drawn from Bradley-Terry; the ranker's hit rate falls short of r*'s by the gap
+    rng, draws = random.Random(0), 40000
+    pair = ("describe rain .", "rain have clouds , storms and puddles .", "rain really have clouds .")
+    d = gold_reward(pair[0], pair[1]) - gold_reward(pair[0], pair[2])
+    labels = [bradley_terry_label(d, 0.0, rng) for _ in range(draws)]
+    gold_hits, reversed_hits = sum(labels) / draws, sum(not first for first in labels) / draws
+    assert gold_hits - reversed_hits == pytest.approx(bayes_gap(*pair, -1.0, 1.0), abs=0.015)
 
 
 # ------------------------------------------------------------------ the exact bandit

@@ -370,6 +370,35 @@ def test_grpo_rloo_online_dpo_smoke(qwen2_checkpoint, prompt_file, reward_model_
         assert {"reward", "gold", "kl", "response_length"} <= set(rows[0])
 
 
+def test_online_dpo_pairs_the_judges_best_and_worst_of_k_samples(qwen2_checkpoint, prompt_file, tmp_path, monkeypatch):
+    from minirlhf.train import online_dpo
+
+    judged = []
+
+    def recording_judge(name, **kwargs):
+        judge = load_reward(name, **kwargs)
+
+        def score(rollout):
+            judged.append(judge(rollout))
+            return judged[-1]
+        return score
+
+    monkeypatch.setattr(online_dpo, "load_reward", recording_judge)
+    args = online_dpo.OnlineDPOArgs(out=str(tmp_path / "k4"), model=str(qwen2_checkpoint), data=prompt_file, reward="gold",
+                                    steps=1, batch_size=3, samples_per_prompt=4, **FAST)
+    assert_finished_run(args.out, online_dpo.train_online_dpo(args), 1)
+    (scores,) = judged
+    assert scores.shape == (12,)
+    grouped = scores.view(3, 4)
+    spread = grouped.max(-1).values - grouped.min(-1).values
+    row = read_metrics(tmp_path / "k4")[0]
+    assert row["labelled_fraction"] == pytest.approx(float((spread > 0).float().mean()))
+    if (spread > 0).any():
+        assert row["judge_margin"] == pytest.approx(float(spread[spread > 0].mean()), rel=1e-5)
+    with pytest.raises(MinirlhfError, match="--samples-per-prompt 1: must be at least 2"):
+        online_dpo.OnlineDPOArgs(samples_per_prompt=1)
+
+
 ONLINE = {"ppo": ("minirlhf.train.ppo", "PPOArgs", "train_ppo"), "grpo": ("minirlhf.train.grpo", "GRPOArgs", "train_grpo"),
           "rloo": ("minirlhf.train.rloo", "RLOOArgs", "train_rloo"),
           "online_dpo": ("minirlhf.train.online_dpo", "OnlineDPOArgs", "train_online_dpo")}

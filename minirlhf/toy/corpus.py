@@ -29,7 +29,8 @@ harmless(x, y); when both responses are equally harmless ``safer`` is a coin fli
 humans.
 
 **The planted length bias.** In each preference pair, the response with the higher gold reward
-(before filler) gets 1-3 filler words and the other 0-1. Filler costs a little gold reward, so
+(before filler) gets 1-3 filler words and the other 0-1; two equally good responses get the same
+0-2, so a tie stays a tie (a coin-flip label). Filler costs a little gold reward, so
 the labels stay honest, but "more filler" now predicts "chosen" almost as well as the gold reward
 does: a reward model learns it, and a policy optimised against that model learns to pad.
 In the SFT and KTO data filler is independent of quality.
@@ -62,7 +63,7 @@ PKU_KIND_WEIGHTS = {"helpful": 0.4, "harmful": 0.6}  # a safety dataset: mostly 
 class CorpusSizes:
     """Number of records per file."""
 
-    pref_train: int = 4000
+    pref_train: int = 8000
     pref_test: int = 1000
     pku_train: int = 2000
     sft_train: int = 4000
@@ -124,8 +125,8 @@ def preference_pair(prompt: ToyPrompt, rng: random.Random) -> tuple[str, str] | 
     else:
         return None
     ga, gb = gold_reward(prompt.text, a), gold_reward(prompt.text, b)
-    if ga == gb:
-        fill_a, fill_b = rng.randint(0, 2), rng.randint(0, 2)
+    if ga == gb:  # equal filler keeps a gold tie a tie: its label is a coin flip, not a filler lesson
+        fill_a = fill_b = rng.randint(0, 2)
     else:
         more, less = rng.randint(1, 3), rng.randint(0, 1)
         fill_a, fill_b = (more, less) if ga > gb else (less, more)

@@ -146,6 +146,7 @@ FIELD_RULES = {
         "pairs). Sample with --temperature 1.0 (or e.g. 0.7 for less varied responses); for greedy "
         "responses of a trained policy use `python -m minirlhf generate --temperature 0`")),
     "group_size": (lambda v: v >= 2, "must be at least 2: a response's baseline is the other responses to its prompt"),
+    "samples_per_prompt": (lambda v: v >= 2, "must be at least 2: a pair is the judge's best and worst sample"),
     "batch_size": (lambda v: v >= 1, "must be at least 1"),
     "max_new_tokens": (lambda v: v >= 1, "must be at least 1"),
     "max_len": (lambda v: v >= 2, "must be at least 2 (a prompt token and a response token)"),

@@ -6,11 +6,14 @@ away from it, the data stops describing what π_θ actually does. Online DPO kee
 on-policy. Each iteration of the loop in ``train_online_dpo``:
 
 1. **Checkpoint** every ``--save-every`` iterations and at the end; **stop** after the last.
-2. **Sample a pair.** Two responses per prompt from the current policy (rows 2g, 2g+1), and
-   their log-probs under π_ref (no gradient; π_θ's come with gradient in the update).
-3. **Label it.** A judge scores both — a reward model, or in the toy world the gold reward
-   (``--reward gold``: the truth, a noise-free annotator) — and the higher score is ``y_w``.
-   Ties carry no preference and are dropped from the loss.
+2. **Sample.** ``--samples-per-prompt`` K responses per prompt from the current policy (rows
+   Kg … Kg+K−1), and their log-probs under π_ref (no gradient; π_θ's come with gradient in the
+   update).
+3. **Label a pair.** A judge scores them — a reward model, or in the toy world the gold reward
+   (``--reward gold``: the truth, a noise-free annotator). The highest-scored sample is ``y_w``
+   and the lowest ``y_l`` (K = 2: the one pair; K > 2: best-of-K against worst-of-K, as in
+   Xiong et al. 2024, a pair whose judged difference is wider than a noisy judge's small
+   errors). A prompt whose samples all score the same carries no preference and is dropped.
 4. **DPO update** on the labelled pairs: ``L = −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) −
    (log π_θ(y_l) − log π_ref(y_l))])`` (or another pairwise ``--loss``; see ``dpo_loss``).
 5. **Log** the judge's scores, the labelled fraction, KL, lengths, and the implicit-reward
@@ -69,7 +72,9 @@ class OnlineDPOArgs(PolicyTrainArgs):
     steps: int = 40
     """Iterations (sample pairs + one DPO step)."""
     batch_size: int = 16
-    """Prompts per iteration (each gets a pair of responses)."""
+    """Prompts per iteration (each gives one pair)."""
+    samples_per_prompt: int = 2
+    """K responses sampled per prompt; the pair is the judge's best and worst of them."""
     micro_batch_size: int = 0
     """Pairs per forward/backward pass (0 = all at once); gradients are accumulated."""
     lr: float = 5e-5
@@ -153,21 +158,22 @@ def train_online_dpo(args: OnlineDPOArgs):
             if iteration == last:
                 break
             guard = DivergenceGuard(lambda: save(iteration))
-            # 4.2 Two samples per prompt; the judge's scores. Reference log-probs for the loss, the
+            # 4.2 K samples per prompt; the judge's scores. Reference log-probs for the loss, the
             #     sampling policy's for the logged KL, both at temperature 1: DPO's implicit reward
             #     is defined by π_θ itself, not by the sampling distribution.
             with precision.autocast():
                 rollout = generate_rollouts(policy, tokenizer, prompts.batch(iteration, device, rank_share),
-                                            args.max_new_tokens, n_per_prompt=2, temperature=args.temperature)
+                                            args.max_new_tokens, n_per_prompt=args.samples_per_prompt,
+                                            temperature=args.temperature)
                 scores = reward_fn(rollout)
                 old_logprobs, mask = rollout_logprobs(policy, rollout, args.micro_batch_size)
                 ref_logprobs, _ = rollout_logprobs(reference, rollout, args.micro_batch_size)
-            # 4.3 The higher score is chosen; ties carry no preference.
-            first, second = scores.view(-1, 2).unbind(-1)
-            labelled = (first != second).nonzero().flatten()
-            first_wins = (first > second)[labelled]
-            chosen_rows = 2 * labelled + (~first_wins).long()
-            rejected_rows = 2 * labelled + first_wins.long()
+            # 4.3 The best-scored sample of a prompt is chosen, the worst rejected; ties carry no preference.
+            grouped = scores.view(-1, args.samples_per_prompt)                # [prompts, K]
+            best, worst = grouped.max(-1), grouped.min(-1)
+            labelled = (best.values != worst.values).nonzero().flatten()
+            chosen_rows = args.samples_per_prompt * labelled + best.indices[labelled]
+            rejected_rows = args.samples_per_prompt * labelled + worst.indices[labelled]
             # 4.4 One DPO step over the labelled pairs of all ranks, micro-batched by pairs (a mean over
             #     pairs); none when no rank has one.
             metrics = {}
@@ -197,7 +203,7 @@ def train_online_dpo(args: OnlineDPOArgs):
             # 4.5 Log.
             metrics.update({
                 "reward": float(scores.mean()),
-                "labelled_fraction": len(labelled) / len(first),
+                "labelled_fraction": len(labelled) / len(grouped),
                 "kl": float(masked_sum(old_logprobs - ref_logprobs, mask) / len(scores)),
                 **response_metrics(rollout),
             })
