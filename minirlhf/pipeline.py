@@ -58,7 +58,7 @@ from minirlhf.toy.corpus import bayes_accuracy
 from minirlhf.toy.language import gold_reward, math_correct, parse_prompt
 from minirlhf.toy.measure import bayes_gap, filler_count, gold_scores
 from minirlhf.toy.world import VERSION as TOY_WORLD_VERSION
-from minirlhf.train.args import parse_args
+from minirlhf.train.args import parse_args, saved_args
 from minirlhf.train.checkpoints import checkpoint_dirs, latest_checkpoint
 from minirlhf.train.dpo import DPOArgs, train_dpo
 from minirlhf.train.grpo import GRPOArgs, train_grpo
@@ -128,13 +128,21 @@ class PipelineArgs:
 
 
 def run_stage(name, args, train_fn, stage_args, log):
-    """Train one stage into ``<out>/<name>`` (skipped when its ``final`` exists); return its path."""
-    final = Path(args.out) / name / "final"
-    if final.exists():
+    """Train one stage into ``<out>/<name>`` (skipped when its ``final`` exists and was trained from
+    the same model, data and reward: not from another seed's or another toy-world version's); return
+    its path."""
+    stage_dir = Path(args.out) / name
+    final, before = stage_dir / "final", saved_args(stage_dir) or {}
+    origin = {key: str(getattr(stage_args, key)) for key in ("model", "data", "reward") if hasattr(stage_args, key)}
+    same_inputs = all(str(before.get(key)) == value for key, value in origin.items())
+    if final.exists() and same_inputs:
         log(f"[{name}] already trained: {final}")
         return final
+    if before and not same_inputs:
+        log(f"[{name}] {stage_dir} was trained from other inputs ({before.get('model')}): training the stage again")
+        remove_dir(stage_dir)
     started = time.perf_counter()
-    stage_args.out = str(Path(args.out) / name)
+    stage_args.out = str(stage_dir)
     # An interrupted stage continues from its last complete checkpoint; without one it starts over.
     stage_args.resume = latest_checkpoint(stage_args.out) is not None
     if not stage_args.resume and checkpoint_dirs(stage_args.out):

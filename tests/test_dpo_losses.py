@@ -52,6 +52,26 @@ def test_dpo_rejects_bad_arguments():
     assert set(DPO_LOSS_TYPES) == {"sigmoid", "cdpo", "robust", "ipo", "hinge"}
 
 
+def test_per_pair_label_smoothing_is_each_pairs_own_cdpo_with_the_soft_label_optimum():
+    logps = [x.detach() for x in four_logps(seed=3)]
+    flip_rates = torch.tensor([0.0, 0.1, 0.25, 0.4, 0.5, 0.05], dtype=torch.float64)
+    losses, _, _ = dpo_loss(*logps, beta=0.5, loss_type="cdpo", label_smoothing=flip_rates)
+    for i, eps in enumerate(flip_rates.tolist()):
+        one, _, _ = dpo_loss(*(x[i : i + 1] for x in logps), beta=0.5, loss_type="cdpo", label_smoothing=eps)
+        assert losses[i] == pytest.approx(float(one))
+    # soft Bradley-Terry labels ε = σ(−Δr): the loss is smallest where β·h = Δr
+    margins = torch.tensor([0.0, 0.3, 1.0, 2.5], dtype=torch.float64)
+    h = (margins / 0.5).clone().requires_grad_()
+    zeros = torch.zeros(4, dtype=torch.float64)
+    losses, _, _ = dpo_loss(h, zeros, zeros, zeros, beta=0.5, loss_type="cdpo", label_smoothing=torch.sigmoid(-margins))
+    losses.sum().backward()
+    assert torch.allclose(h.grad, torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        dpo_loss(*logps, loss_type="cdpo", label_smoothing=flip_rates + 0.2)
+    with pytest.raises(ValueError, match="applies to 'cdpo' and 'robust'"):
+        dpo_loss(*logps, loss_type="sigmoid", label_smoothing=flip_rates)
+
+
 # --------------------------------------------------------------------------- DPOP and R-DPO
 
 

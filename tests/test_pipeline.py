@@ -1,6 +1,7 @@
 """The main job end to end: `python -m minirlhf pipeline --quick` on the toy world."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,25 @@ def test_every_stage_trains_from_the_seeds_own_world(tmp_path, monkeypatch):
         assert (name, args.model, args.seed) == (name, str(world.sft_model), 7)
         assert args.data in {str(path) for path in files.values()}, name
     assert trained["grpo_math"].data == str(files["math_prompts"]) and trained["ppo"].data == str(files["prompts"])
+
+
+def test_a_stage_trained_from_other_inputs_is_trained_again(tmp_path):
+    """A finished stage is reused only when it started from the same model, data and reward: after a
+    toy-world upgrade (or with another seed's world) it is trained again, never silently reused."""
+    from minirlhf.pipeline import PipelineArgs, run_stage
+    from minirlhf.train.grpo import GRPOArgs
+
+    calls = []
+
+    def fake_train(stage_args):
+        calls.append(stage_args.model)
+        final = Path(stage_args.out) / "final"
+        final.mkdir(parents=True)
+        (Path(stage_args.out) / "args.json").write_text(json.dumps({"model": stage_args.model, "data": stage_args.data,
+                                                                    "reward": stage_args.reward}))
+        return final
+
+    args = PipelineArgs(out=str(tmp_path))
+    for model in ("toy-1-v4/sft", "toy-1-v4/sft", "toy-1-v5/sft"):
+        run_stage("grpo", args, fake_train, GRPOArgs(model=model, data="prompts.jsonl", reward="math"), lambda message: None)
+    assert calls == ["toy-1-v4/sft", "toy-1-v5/sft"]

@@ -308,6 +308,8 @@ BAD = [  # (function, argument, wrong value, what is wrong)
     ("dpo_loss", "logit_offset", f(B, 1), "column"),
     ("dpo_loss", "logit_offset", f(B + 1), "batch"),
     ("dpo_loss", "beta", f(B), "not a scalar"),
+    ("dpo_loss", "label_smoothing", f(B, 1).sigmoid() / 4, "column"),
+    ("dpo_loss", "label_smoothing", f(B + 1).sigmoid() / 4, "batch"),
     ("dpop_penalty", "policy_chosen_logps", long(B), "dtype"),
     ("dpop_penalty", "ref_chosen_logps", f(B, 1), "column"),
     ("dpop_penalty", "lam", f(B, 1), "not a scalar"),

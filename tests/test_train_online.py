@@ -11,6 +11,7 @@ world prompts so the gold reward is logged too. What is checked:
   direction of the advantages; PPO and GRPO resume exactly;
 - reward functions, ``python -m minirlhf generate``, the over-optimisation plot.
 """
+import dataclasses
 import json
 import math
 import warnings
@@ -371,9 +372,11 @@ def test_grpo_rloo_online_dpo_smoke(qwen2_checkpoint, prompt_file, reward_model_
 
 
 def test_online_dpo_pairs_the_judges_best_and_worst_of_k_samples(qwen2_checkpoint, prompt_file, tmp_path, monkeypatch):
+    """K = 4 samples per prompt: the pair is the judge's best and worst; with --soft-labels the pair's
+    label is the judge's Bradley-Terry probability, i.e. cdpo with ε = σ(−(r_best − r_worst))."""
     from minirlhf.train import online_dpo
 
-    judged = []
+    judged, flip_rates = [], []
 
     def recording_judge(name, **kwargs):
         judge = load_reward(name, **kwargs)
@@ -383,9 +386,16 @@ def test_online_dpo_pairs_the_judges_best_and_worst_of_k_samples(qwen2_checkpoin
             return judged[-1]
         return score
 
+    original_dpo_loss = online_dpo.dpo_loss
+
+    def recording_dpo_loss(*args, **kwargs):
+        flip_rates.append((kwargs["loss_type"], kwargs["label_smoothing"]))
+        return original_dpo_loss(*args, **kwargs)
+
     monkeypatch.setattr(online_dpo, "load_reward", recording_judge)
+    monkeypatch.setattr(online_dpo, "dpo_loss", recording_dpo_loss)
     args = online_dpo.OnlineDPOArgs(out=str(tmp_path / "k4"), model=str(qwen2_checkpoint), data=prompt_file, reward="gold",
-                                    steps=1, batch_size=3, samples_per_prompt=4, **FAST)
+                                    steps=1, batch_size=3, samples_per_prompt=4, soft_labels=True, **FAST)
     assert_finished_run(args.out, online_dpo.train_online_dpo(args), 1)
     (scores,) = judged
     assert scores.shape == (12,)
@@ -395,8 +405,12 @@ def test_online_dpo_pairs_the_judges_best_and_worst_of_k_samples(qwen2_checkpoin
     assert row["labelled_fraction"] == pytest.approx(float((spread > 0).float().mean()))
     if (spread > 0).any():
         assert row["judge_margin"] == pytest.approx(float(spread[spread > 0].mean()), rel=1e-5)
+        ((loss_type, eps),) = flip_rates
+        assert loss_type == "cdpo" and torch.allclose(eps, torch.sigmoid(-spread[spread > 0]))
     with pytest.raises(MinirlhfError, match="--samples-per-prompt 1: must be at least 2"):
         online_dpo.OnlineDPOArgs(samples_per_prompt=1)
+    with pytest.raises(MinirlhfError, match="--soft-labels .* --loss sigmoid"):
+        online_dpo.train_online_dpo(dataclasses.replace(args, loss="ipo", out=str(tmp_path / "ipo")))
 
 
 ONLINE = {"ppo": ("minirlhf.train.ppo", "PPOArgs", "train_ppo"), "grpo": ("minirlhf.train.grpo", "GRPOArgs", "train_grpo"),

@@ -16,6 +16,11 @@ on-policy. Each iteration of the loop in ``train_online_dpo``:
    errors). A prompt whose samples all score the same carries no preference and is dropped.
 4. **DPO update** on the labelled pairs: ``L = −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) −
    (log π_θ(y_l) − log π_ref(y_l))])`` (or another pairwise ``--loss``; see ``dpo_loss``).
+   With ``--soft-labels`` each pair is labelled y_w ≻ y_l with the judge's own Bradley–Terry
+   probability p = σ(r_w − r_l) rather than 1: ``L = −p log σ(βh) − (1 − p) log σ(−βh)``
+   (cdpo with ε = 1 − p), minimised at βh = r_w − r_l, the optimum π ∝ π_ref·exp(r/β) that PPO
+   with the same β aims at. A hard label asks βh → ∞ for any judged difference, however small:
+   a judge that pays a little for one filler word gets padded answers.
 5. **Log** the judge's scores, the labelled fraction, KL, lengths, and the implicit-reward
    accuracy (ties ½).
 
@@ -69,6 +74,9 @@ class OnlineDPOArgs(PolicyTrainArgs):
     """β: strength of the implicit KL regulariser."""
     label_smoothing: float = 0.0
     """ε, the assumed label-flip rate (cdpo and robust only)."""
+    soft_labels: bool = False
+    """Label each pair with the judge's Bradley–Terry probability σ(r_w − r_l) instead of 1 (--loss
+    sigmoid only; module docstring)."""
     steps: int = 40
     """Iterations (sample pairs + one DPO step)."""
     batch_size: int = 16
@@ -95,15 +103,20 @@ def sampled_pair_loss(policy, batch, args):
     """DPO loss of one micro-batch of sampled, judge-labelled pairs; returns ``(loss, metrics)``.
 
     ``batch``: the pairs' ``input_ids``/``attention_mask``/``response_mask`` ``[2b, L]`` (rows
-    ``0..b-1`` chosen, ``b..2b-1`` rejected: one forward for both halves) and ``ref_logps``
-    ``[2b]``, the reference's summed log-probs in the same order.
+    ``0..b-1`` chosen, ``b..2b-1`` rejected: one forward for both halves), and ``ref_logps`` and
+    ``judge_scores`` ``[2b]``, the reference's summed log-probs and the judge's scores in the same
+    order (the scores set each pair's soft label with ``--soft-labels``).
     """
     logprobs, mask = policy_logprobs(args)(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     sequence = sequence_logprobs(logprobs, mask, average=args.loss == "ipo")
     chosen, rejected = sequence.chunk(2)
     ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
+    loss_type, flip_rates = args.loss, args.label_smoothing
+    if args.soft_labels:  # P(y_l ≻ y_w) under the judge's Bradley–Terry model, one per pair
+        judged_chosen, judged_rejected = batch["judge_scores"].chunk(2)
+        loss_type, flip_rates = "cdpo", torch.sigmoid(judged_rejected - judged_chosen).to(chosen.dtype)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=args.beta,
-                                                        loss_type=args.loss, label_smoothing=args.label_smoothing)
+                                                        loss_type=loss_type, label_smoothing=flip_rates)
     return losses.mean(), {
         "accuracy": pair_accuracy(chosen_rewards, rejected_rewards),
         "margin": (chosen_rewards - rejected_rewards).mean(),
@@ -122,6 +135,9 @@ def train_online_dpo(args: OnlineDPOArgs):
         args.reward = args.reward or "gold"
     if args.reward is None:
         raise MinirlhfError("online-dpo needs --reward: a reward-model directory or a rule name (gold, math)")
+    if args.soft_labels and (args.loss != "sigmoid" or args.label_smoothing):
+        raise MinirlhfError(f"--soft-labels sets each pair's label from the judge: it needs --loss sigmoid and no "
+                            f"--label-smoothing (got --loss {args.loss}, --label-smoothing {args.label_smoothing})")
     args.template = args.template or "prompt"  # online trainers read prompt-only data
     resume_from = prepare_run(args, "online-dpo")
     device = select_device(args.device)
@@ -181,6 +197,7 @@ def train_online_dpo(args: OnlineDPOArgs):
             if num_labelled > 0:
                 data = {k: rollout[k] for k in ("input_ids", "attention_mask", "response_mask")}
                 data["ref_logps"] = sequence_logprobs(ref_logprobs, mask, average=args.loss == "ipo")
+                data["judge_scores"] = scores
                 pairs = list(range(len(labelled)))
                 micro = [(labelled[part].tolist(), select_rows(data, torch.cat([chosen_rows[part], rejected_rows[part]])))
                          for part in micro_batches(pairs, args.micro_batch_size)]
