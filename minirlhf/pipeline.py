@@ -78,10 +78,15 @@ QUICK = {
     "grpo": dict(steps=3, batch_size=4, group_size=4),
     "online_dpo": dict(steps=3, batch_size=8),
 }
-# PPO against the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT;
-# with a small β it over-optimises the RM.
-PPO_BETA, PPO_STEPS = 1.0, 60
-SMALL_BETA = 0.01
+# Each stage's budget beyond its trainer's toy-world settings. DPO: β = 1 over half the pairs keeps
+# the policy near π_SFT, where the data's planted filler bias costs little gold reward. PPO against
+# the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT (a β of 0.3
+# already pads its answers for the RM); with a small β it over-optimises the RM. GRPO: the math
+# reward keeps paying for twice the iterations the gold reward needs.
+DPO_BETA, DPO_EPOCHS = 1.0, 0.5
+PPO_BETA, PPO_STEPS = 1.0, 120
+SMALL_BETA, SMALL_BETA_STEPS = 0.01, 60
+GRPO_STEPS = {"math": 120, "gold": 60}
 
 #: what the main job claims, checked in every report (gains over SFT on the held-out prompts)
 LESSONS = (
@@ -114,7 +119,7 @@ class PipelineArgs:
     """Also run online DPO (RM-labelled pairs sampled from the policy)."""
     eval_prompts: int = 0
     """Held-out prompts to evaluate each policy on (0 = all of the toy world's eval prompts)."""
-    eval_samples: int = 4
+    eval_samples: int = 8
     """Sampled responses per eval prompt (temperature 1, as the policies were trained)."""
     device: typing.Optional[str] = None
     """'cuda', 'cpu', ... (default: CUDA when available)."""
@@ -302,14 +307,16 @@ def run_seed(args: PipelineArgs):
     # 3.-7. The policies, each starting from this seed's SFT policy (named explicitly: a trainer's own
     #       defaults are the seed-0 toy world) and the online ones sampling this seed's prompts.
     policies = {"SFT": Path(sft)}
-    policies["DPO"] = run_stage("dpo", args, train_dpo, stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, **offline}), log)
-    for name, stage, beta in (("PPO", "ppo", PPO_BETA), ("PPO (small β)", "ppo_small_beta", SMALL_BETA)):
+    dpo = stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, "beta": DPO_BETA, "epochs": DPO_EPOCHS, **offline})
+    policies["DPO"] = run_stage("dpo", args, train_dpo, dpo, log)
+    for name, stage, beta, steps in (("PPO", "ppo", PPO_BETA, PPO_STEPS),
+                                     ("PPO (small β)", "ppo_small_beta", SMALL_BETA, SMALL_BETA_STEPS)):
         ppo = stage_args(PPOArgs, args, "ppo", model=sft, data=str(world.prompts), reward=str(rm), beta=beta,
-                         steps=PPO_STEPS)
+                         steps=steps)
         policies[name] = run_stage(stage, args, train_ppo, ppo, log)
     for name, stage, reward, prompts in (("GRPO (math)", "grpo_math", "math", world.math_prompts),
                                          ("GRPO (gold)", "grpo_gold", "gold", world.prompts)):
-        grpo = stage_args(GRPOArgs, args, "grpo", model=sft, data=str(prompts), reward=reward)
+        grpo = stage_args(GRPOArgs, args, "grpo", model=sft, data=str(prompts), reward=reward, steps=GRPO_STEPS[reward])
         policies[name] = run_stage(stage, args, train_grpo, grpo, log)
     if args.online_dpo:
         online = stage_args(OnlineDPOArgs, args, "online_dpo", model=sft, data=str(world.prompts), reward=str(rm))
