@@ -63,7 +63,7 @@ PKU_KIND_WEIGHTS = {"helpful": 0.4, "harmful": 0.6}  # a safety dataset: mostly 
 class CorpusSizes:
     """Number of records per file."""
 
-    pref_train: int = 8000
+    pref_train: int = 12000
     pref_test: int = 1000
     pku_train: int = 2000
     sft_train: int = 4000

@@ -12,8 +12,8 @@ import torch
 
 from minirlhf.data.chat import encode_prompt
 from minirlhf.data.prompts import prompt_batch
-from minirlhf.toy.corpus import sigmoid
 from minirlhf.models.sampling import generate_rollouts
+from minirlhf.toy.corpus import sigmoid
 from minirlhf.toy.language import (
     FILLERS,
     gold_reward,

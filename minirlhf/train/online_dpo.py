@@ -12,15 +12,16 @@ on-policy. Each iteration of the loop in ``train_online_dpo``:
 3. **Label a pair.** A judge scores them — a reward model, or in the toy world the gold reward
    (``--reward gold``: the truth, a noise-free annotator). The highest-scored sample is ``y_w``
    and the lowest ``y_l`` (K = 2: the one pair; K > 2: best-of-K against worst-of-K, as in
-   Xiong et al. 2024, a pair whose judged difference is wider than a noisy judge's small
-   errors). A prompt whose samples all score the same carries no preference and is dropped.
+   Dong et al. 2024, "RLHF Workflow": a pair whose judged difference is wider than a noisy
+   judge's small errors). A prompt whose samples all score the same carries no preference and
+   is dropped.
 4. **DPO update** on the labelled pairs: ``L = −log σ(β·[(log π_θ(y_w) − log π_ref(y_w)) −
    (log π_θ(y_l) − log π_ref(y_l))])`` (or another pairwise ``--loss``; see ``dpo_loss``).
    With ``--soft-labels`` each pair is labelled y_w ≻ y_l with the judge's own Bradley–Terry
    probability p = σ(r_w − r_l) rather than 1: ``L = −p log σ(βh) − (1 − p) log σ(−βh)``
    (cdpo with ε = 1 − p), minimised at βh = r_w − r_l, the optimum π ∝ π_ref·exp(r/β) that PPO
-   with the same β aims at. A hard label asks βh → ∞ for any judged difference, however small:
-   a judge that pays a little for one filler word gets padded answers.
+   with the same β aims at. A hard label asks βh → ∞ for any judged difference, however small;
+   a soft one weighs each pair by how sure the judge is.
 5. **Log** the judge's scores, the labelled fraction, KL, lengths, and the implicit-reward
    accuracy (ties ½).
 

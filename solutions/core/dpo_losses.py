@@ -49,7 +49,10 @@ def dpo_loss(
 
     The minimiser of the expected sigmoid loss when a fraction p of the labels say "w ≻ l" has
     σ(βh*) = p (the BT maximum-likelihood fit). cdpo is DPO's loss averaged over labels flipped
-    with probability ε, so even on clean labels its optimum is finite: σ(βh*) = 1 − ε.
+    with probability ε, so even on clean labels its optimum is finite: σ(βh*) = 1 − ε. A [B] ε
+    gives each pair its own: with ε_i = σ(−Δr_i) for a judge's reward margin Δr_i ≥ 0 (a soft
+    Bradley–Terry label), the optimum is βh* = Δr_i, the KL-regularised optimum
+    π ∝ π_ref·exp(r/β) that PPO with the same β aims at.
 
     **Logit offset (DPOP, R-DPO).** o is subtracted from the logit z, inside the sigmoid, for
     sigmoid/cdpo/robust/hinge. It is how the extra terms of two variants plug in:
@@ -72,11 +75,11 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: the same under the frozen reference, [B].
         beta: β ≥ 0, the strength of the implicit KL(π‖π_ref) regulariser (IPO: τ > 0).
         loss_type: one of "sigmoid", "cdpo", "robust", "ipo", "hinge".
-        label_smoothing: ε, the assumed label-flip rate; only for cdpo (0 ≤ ε ≤ ½) and robust
-            (0 ≤ ε < ½).
+        label_smoothing: ε, the assumed label-flip rate, a scalar or one per pair [B]; only for
+            cdpo (0 ≤ ε ≤ ½) and robust (0 ≤ ε < ½).
         logit_offset: None, a scalar (float or 0-dim tensor) or a [B] tensor o subtracted from βh
             (see above); a [B, 1] raises (it would broadcast the losses to [B, B]).
-            beta and label_smoothing are scalars.
+            beta is a scalar.
 
     Returns:
         (losses [B], chosen_rewards [B], rejected_rewards [B]); the implicit rewards are
@@ -92,7 +95,7 @@ def dpo_loss(
         ref_chosen_logps=(ref_chosen_logps, "...", "float"),
         ref_rejected_logps=(ref_rejected_logps, "...", "float"),
         beta=(beta, "scalar"),
-        label_smoothing=(label_smoothing, "scalar"),
+        label_smoothing=(label_smoothing, ("scalar", "...")),
         logit_offset=(logit_offset, (None, "scalar", "...")),
     )
     if policy_chosen_logps.dim() > 1:  # e.g. token log-probs [B, T] that were never summed
@@ -100,9 +103,11 @@ def dpo_loss(
         raise ShapeError(f"dpo_loss: policy_chosen_logps must have shape [B] (or [] for one pair), got {shape}")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    if label_smoothing and loss_type not in ("cdpo", "robust"):
+    flip_rates = torch.as_tensor(label_smoothing, dtype=torch.float64)
+    smallest, largest = (float(flip_rates.min()), float(flip_rates.max())) if flip_rates.numel() else (0.0, 0.0)
+    if largest and loss_type not in ("cdpo", "robust"):
         raise ValueError(f"dpo_loss: label_smoothing applies to 'cdpo' and 'robust', not {loss_type!r}")
-    if not 0.0 <= label_smoothing <= 0.5 or (loss_type == "robust" and label_smoothing == 0.5):
+    if not 0.0 <= smallest <= largest <= 0.5 or (loss_type == "robust" and largest == 0.5):
         raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5] (robust: [0, 0.5)), got {label_smoothing}")
     if loss_type == "ipo" and (beta <= 0 or logit_offset is not None):
         raise ValueError("dpo_loss: 'ipo' needs beta > 0 (its target is 1/(2β)) and takes no logit_offset")
