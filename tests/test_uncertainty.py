@@ -93,7 +93,7 @@ def seed_results(dpo_gain, sft_gold=0.1):
     gains = {"SFT": {"gold": (0.0, 0.0)}, "DPO": {"gold": (dpo_gain, 0.05)}}
     return {"policies": {"SFT": {"gold": sft_gold}, "DPO": {"gold": sft_gold + dpo_gain}}, "gains": gains,
             "lessons": check_lessons([Lesson("DPO raises the gold reward", "DPO", "gold", 0.15)], gains),
-            "rm": {"model": {"accuracy": 0.7}}, "bayes_accuracy": 0.75}
+            "rm": {"model": {"accuracy": 0.7, "bayes_gap": (0.04, 0.005)}}, "bayes_accuracy": 0.75}
 
 
 def test_seeds_summary_reports_every_lesson_per_seed_and_in_the_mean():
@@ -107,6 +107,7 @@ def test_seeds_summary_reports_every_lesson_per_seed_and_in_the_mean():
     report = "\n".join(report_seeds(summary))
     assert "0 of 1 held in every seed and in the mean" in report
     assert "+0.10 ❌" in report and "+0.20 ± 0.10 ✅" in report
+    assert "test accuracy 70.0% ± 0.0% (expected over the labels: 71.0% ± 0.0%)" in report
 
 
 def test_numbers_print_with_their_error_in_their_own_unit():
