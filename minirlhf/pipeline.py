@@ -11,7 +11,9 @@ sampled from, so every stage can be measured against the truth instead of agains
    responses), built once and cached; it is π_ref for everything below.
 2. **RM.** A Bradley–Terry reward model on the preference pairs; its test accuracy is compared
    with the Bayes-optimal accuracy E[σ(|Δr*|)] that no model can beat on BT-sampled labels, and
-   its gap to that ceiling is measured in expectation over each pair's label (``bayes_gap``).
+   its gap to that ceiling is measured in expectation over each pair's label (``bayes_gap``); and
+   how it orders the SFT policy's own samples (``proxy_ranking``), which is what PPO and online
+   DPO ask of it.
 3. **DPO** on the same pairs (offline).
 4. **PPO** against the RM with the KL-shaped reward (β = 1).
 5. **PPO, small β**: the same with β = 0.01 — the policy drifts far from π_ref and
@@ -48,6 +50,7 @@ from minirlhf.data.prompts import prompt_batch
 from minirlhf.eval import plots
 from minirlhf.eval.eval_rm import EvalRMArgs, evaluate_reward_model
 from minirlhf.eval.overoptimisation import plot_overoptimisation
+from minirlhf.eval.proxy_ranking import proxy_ranking
 from minirlhf.eval.uncertainty import mean_se, paired_gain, prompt_mean_se
 from minirlhf.errors import MinirlhfError
 from minirlhf.models.forward import rollout_logprobs
@@ -78,15 +81,17 @@ QUICK = {
     "grpo": dict(steps=3, batch_size=4, group_size=4),
     "online_dpo": dict(steps=3, batch_size=8),
 }
-# Each stage's budget beyond its trainer's toy-world settings. DPO: β = 1 over half the pairs keeps
-# the policy near π_SFT, where the data's planted filler bias costs little gold reward. PPO against
-# the learned RM: with β = 1 the policy gains gold reward while staying close to π_SFT (a β of 0.3
-# already pads its answers for the RM); with a small β it over-optimises the RM. GRPO: the math
-# reward keeps paying for twice the iterations the gold reward needs.
-DPO_BETA, DPO_EPOCHS = 1.0, 0.5
-PPO_BETA, PPO_STEPS = 1.0, 120
-SMALL_BETA, SMALL_BETA_STEPS = 0.01, 60
-GRPO_STEPS = {"math": 120, "gold": 60}
+# Each stage's budget beyond its trainer's toy-world settings. RM: a second epoch teaches it more of
+# what makes an answer good, which is what PPO and online DPO ask of it (the policy's own samples are
+# not ranked by filler). DPO: β = 1 over a third of the pairs keeps the policy near π_SFT. PPO against the
+# learned RM, twice with the same budget: with β = 1 the policy gains gold reward while staying close
+# to π_SFT; with a small β it over-optimises the RM. GRPO: the math reward keeps paying for more than
+# twice the iterations the gold reward needs. Online DPO: twice its trainer's 40 iterations.
+RM_EPOCHS = 2.0
+DPO_BETA, DPO_EPOCHS = 1.0, 0.35
+PPO_BETA, SMALL_BETA, PPO_STEPS = 1.0, 0.01, 60
+GRPO_STEPS = {"math": 110, "gold": 45}
+ONLINE_DPO_STEPS = 80
 
 #: what the main job claims, checked in every report (gains over SFT on the held-out prompts)
 LESSONS = (
@@ -190,13 +195,13 @@ METRICS = ("gold", "gold_helpful", "gold_harmless", "math_accuracy", "proxy", "k
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, samples):
     """Sample ``samples`` responses per prompt and measure each one.
 
-    Returns ``{"prompt": [...], metric: [...] for metric in METRICS}``: one entry per response, in
-    the order sampled, ``prompt`` being the index of its held-out prompt (what the standard errors
-    are computed over) and ``math_accuracy`` None off the math prompts. KL(π‖π_ref) of a whole
+    Returns ``{"prompt": [...], "kind": [...], metric: [...] for metric in METRICS}``: one entry per
+    response, in the order sampled, ``prompt`` being the index of its held-out prompt (what the
+    standard errors are computed over), ``kind`` its kind and ``math_accuracy`` None off the math prompts. KL(π‖π_ref) of a whole
     response is estimated by Σ_t [log π(y_t) − log π_ref(y_t)] on samples y ~ π: the k1 estimator
     summed over the response, unbiased for the sequence-level KL.
     """
-    rows = {key: [] for key in ("prompt", *METRICS)}
+    rows = {key: [] for key in ("prompt", "kind", *METRICS)}
     first = 0
     for batch in prompt_batches:
         rollout = generate_rollouts(policy, tokenizer, batch, max_new_tokens=32, n_per_prompt=samples)
@@ -206,7 +211,8 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
         for prompt, response in zip(rollout["prompts"], rollout["responses"]):
             for key, value in gold_scores(prompt, response).items():
                 rows[key].append(value)
-            rows["math_accuracy"].append(math_correct(prompt, response) if parse_prompt(prompt).kind == "math" else None)
+            rows["kind"].append(parse_prompt(prompt).kind)
+            rows["math_accuracy"].append(math_correct(prompt, response) if rows["kind"][-1] == "math" else None)
             rows["filler"].append(filler_count(response))
         rows["proxy"] += reward_model(rollout).tolist()
         rows["kl"] += masked_sum(logprobs - ref_logprobs, mask, dim=-1).tolist()
@@ -299,7 +305,8 @@ def run_seed(args: PipelineArgs):
     offline = dict(model=sft, eval_every=0, **data)
 
     # 2. Reward model, and its accuracy against the Bayes ceiling (before vs after training).
-    rm = run_stage("rm", args, train_rm, stage_args(RMArgs, args, "rm", **{**RM_TOY_PRESET, **offline}), log)
+    rm_args = stage_args(RMArgs, args, "rm", **{**RM_TOY_PRESET, "epochs": RM_EPOCHS, **offline})
+    rm = run_stage("rm", args, train_rm, rm_args, log)
     rm_eval = evaluate_reward_model(EvalRMArgs(model=str(rm), baseline=sft, data=data["eval_data"],
                                                template=world.templates["pref_test"], out=str(out / "rm" / "eval"),
                                                seed=args.seed, device=args.device))
@@ -309,17 +316,17 @@ def run_seed(args: PipelineArgs):
     policies = {"SFT": Path(sft)}
     dpo = stage_args(DPOArgs, args, "dpo", **{**DPO_TOY_PRESET, "beta": DPO_BETA, "epochs": DPO_EPOCHS, **offline})
     policies["DPO"] = run_stage("dpo", args, train_dpo, dpo, log)
-    for name, stage, beta, steps in (("PPO", "ppo", PPO_BETA, PPO_STEPS),
-                                     ("PPO (small β)", "ppo_small_beta", SMALL_BETA, SMALL_BETA_STEPS)):
+    for name, stage, beta in (("PPO", "ppo", PPO_BETA), ("PPO (small β)", "ppo_small_beta", SMALL_BETA)):
         ppo = stage_args(PPOArgs, args, "ppo", model=sft, data=str(world.prompts), reward=str(rm), beta=beta,
-                         steps=steps)
+                         steps=PPO_STEPS)
         policies[name] = run_stage(stage, args, train_ppo, ppo, log)
     for name, stage, reward, prompts in (("GRPO (math)", "grpo_math", "math", world.math_prompts),
                                          ("GRPO (gold)", "grpo_gold", "gold", world.prompts)):
         grpo = stage_args(GRPOArgs, args, "grpo", model=sft, data=str(prompts), reward=reward, steps=GRPO_STEPS[reward])
         policies[name] = run_stage(stage, args, train_grpo, grpo, log)
     if args.online_dpo:
-        online = stage_args(OnlineDPOArgs, args, "online_dpo", model=sft, data=str(world.prompts), reward=str(rm))
+        online = stage_args(OnlineDPOArgs, args, "online_dpo", model=sft, data=str(world.prompts), reward=str(rm),
+                            steps=ONLINE_DPO_STEPS)
         policies["online DPO"] = run_stage("online_dpo", args, train_online_dpo, online, log)
 
     # 8. Evaluate every policy on the held-out prompts: means ± SE, gains over SFT paired by prompt.
@@ -342,10 +349,15 @@ def run_seed(args: PipelineArgs):
                                                          p[f"{model}_rejected_score"]) for p in pairs])
     bayes = bayes_accuracy([(gold_reward(p["prompt"], p["chosen"]), gold_reward(p["prompt"], p["rejected"])) for p in pairs])
     gains["RM"] = {"bayes_gap": rm_eval["model"]["bayes_gap"]}
+    # ... and how it ranks the SFT policy's own samples, which is what PPO and online DPO ask of it.
+    sft_rows, rm_on_policy = per_response["SFT"], {}
+    for kind in ("all", *sorted(set(sft_rows["kind"]))):
+        keep = [i for i, k in enumerate(sft_rows["kind"]) if kind in ("all", k)]
+        rm_on_policy[kind] = proxy_ranking(*([sft_rows[key][i] for i in keep] for key in ("gold", "proxy", "prompt")))
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})
-    results = {"seed": args.seed, "settings": settings(args), "rm": rm_eval, "bayes_accuracy": bayes,
+    results = {"seed": args.seed, "settings": settings(args), "rm": rm_eval, "bayes_accuracy": bayes, "rm_on_policy": rm_on_policy,
                "eval": {"prompts": sum(len(batch["prompts"]) for batch in batches), "samples": args.eval_samples},
                "policies": means, "errors": errors, "gains": gains, "lessons": check_lessons(LESSONS, gains),
                "seconds": time.perf_counter() - started, "machine": machine(), "load_average": load_average()}

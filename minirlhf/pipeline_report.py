@@ -38,7 +38,7 @@ COLUMNS = [
     ("length", "length (tokens)", False, False),
     ("filler", "filler words", False, False),
 ]
-PERCENT = {key for key, _, percent, _ in COLUMNS if percent} | {"accuracy"}
+PERCENT = {key for key, _, percent, _ in COLUMNS if percent} | {"accuracy", "agreement"}
 POINTS = {"bayes_gap"}  # a distance between accuracies: points with one decimal
 GAIN_COLUMNS = ("gold", "math_accuracy", "proxy")
 
@@ -152,6 +152,7 @@ def report_one_seed(results: dict, title_note: str = "") -> list[str]:
               "only reaches the Bayes-optimal accuracy. The expected accuracy is the model's on these pairs averaged "
               "over their labels (σ(Δr*) when it ranks a pair the gold reward's way, σ(−Δr*) when not): the gap, the "
               "lesson's number, then measures the model and not which labels happened to be drawn.", ""]
+    lines += rm_on_policy_lines(results)
     evaluation = results["eval"]
     lines += [f"## Policies ({evaluation['prompts']} held-out prompts × {evaluation['samples']} samples at temperature 1; "
               "mean ± SE over prompts)", ""]
@@ -165,6 +166,20 @@ def report_one_seed(results: dict, title_note: str = "") -> list[str]:
                                for key in GAIN_COLUMNS]
                      for name, gains in results["gains"].items() if name not in ("SFT", "RM")])
     return lines
+
+
+def rm_on_policy_lines(results: dict) -> list[str]:
+    """How the RM ranks the SFT policy's own samples, per prompt kind (``minirlhf.eval.proxy_ranking``)."""
+    ranking, samples = results["rm_on_policy"], results["eval"]["samples"]
+    rows = [[kind, f"{r['pairs']}", with_error("agreement", *r["agreement"]), with_error("gold", *r["best_of_n_gain"], signed=True),
+             with_error("gold", *r["gold_best_of_n_gain"], signed=True)] for kind, r in ranking.items()]
+    return [f"### The reward model on the SFT policy's own samples ({samples} per held-out prompt)", "",
+            *_table(["prompts", "sample pairs", "ordered as r* orders them", f"gold gain of the RM's best of {samples}",
+                     f"gold gain of r*'s best of {samples}"], rows),
+            "", "This is what PPO and online DPO ask of the reward model: to rank the policy's own samples, not the "
+            "test pairs, whose better response often carries the planted filler. Where it orders them no better than "
+            "chance (½), a policy optimised against it has no gold reward to gain; r*'s own best of n is what a "
+            "perfect reward model would pick.", ""]
 
 
 def seeds_summary(per_seed: dict) -> dict:
@@ -188,7 +203,10 @@ def seeds_summary(per_seed: dict) -> dict:
             "rm_accuracy": mean_sd([r["rm"]["model"]["accuracy"] for r in per_seed.values()]),
             "rm_expected_accuracy": mean_sd([r["bayes_accuracy"] - r["rm"]["model"]["bayes_gap"][0]
                                              for r in per_seed.values()]),
-            "bayes_accuracy": mean_sd([r["bayes_accuracy"] for r in per_seed.values()])}
+            "bayes_accuracy": mean_sd([r["bayes_accuracy"] for r in per_seed.values()]),
+            **({"rm_on_policy": {key: mean_sd([r["rm_on_policy"]["all"][key][0] for r in per_seed.values()])
+                                 for key in ("agreement", "best_of_n_gain", "gold_best_of_n_gain")}}
+               if all("rm_on_policy" in r for r in per_seed.values()) else {})}
 
 
 def report_seeds(summary: dict) -> list[str]:
@@ -206,8 +224,14 @@ def report_seeds(summary: dict) -> list[str]:
     accuracy, expected, bayes = summary["rm_accuracy"], summary["rm_expected_accuracy"], summary["bayes_accuracy"]
     lines += ["", f"Reward model test accuracy {accuracy[0]:.1%} ± {accuracy[1]:.1%} (expected over the labels: "
               f"{expected[0]:.1%} ± {expected[1]:.1%}) against a Bayes-optimal "
-              f"{bayes[0]:.1%} ± {bayes[1]:.1%} (mean ± sd over seeds).", "",
-              f"## Policies (mean ± sd over {len(seeds)} seeds)", ""]
+              f"{bayes[0]:.1%} ± {bayes[1]:.1%} (mean ± sd over seeds).", ""]
+    if "rm_on_policy" in summary:
+        on_policy = summary["rm_on_policy"]
+        lines += [f"On the SFT policy's own samples the RM orders {with_error('agreement', *on_policy['agreement'])} of the "
+                  f"pairs as the gold reward does, and its best sample gains {with_error('gold', *on_policy['best_of_n_gain'], signed=True)} "
+                  f"gold (the gold reward's best: {with_error('gold', *on_policy['gold_best_of_n_gain'], signed=True)}); "
+                  "see each seed's report.", ""]
+    lines += [f"## Policies (mean ± sd over {len(seeds)} seeds)", ""]
     lines += _table(["policy"] + [title for _, title, _, _ in COLUMNS],
                     [[name] + [with_error(key, *means[key], signed) if key in means else "–"
                                for key, _, _, signed in COLUMNS] for name, means in summary["policies"].items()])

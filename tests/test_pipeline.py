@@ -40,6 +40,8 @@ def test_pipeline_quick_writes_report_with_every_stage(tmp_path, capsys):
     assert [c["policy"] for c in results["lessons"]] == [lesson.policy for lesson in LESSONS]
     assert all(isinstance(c["held"], bool) and math.isfinite(c["se"]) for c in results["lessons"])
     assert "## Lessons:" in report and " ± " in report
+    # One sample per prompt: no pair of the SFT policy's own samples for the RM to order.
+    assert results["rm_on_policy"]["all"]["pairs"] == 0 and "the SFT policy's own samples" in report
 
     # A second run finds every stage trained and only evaluates again.
     capsys.readouterr()

@@ -93,7 +93,9 @@ def seed_results(dpo_gain, sft_gold=0.1):
     gains = {"SFT": {"gold": (0.0, 0.0)}, "DPO": {"gold": (dpo_gain, 0.05)}}
     return {"policies": {"SFT": {"gold": sft_gold}, "DPO": {"gold": sft_gold + dpo_gain}}, "gains": gains,
             "lessons": check_lessons([Lesson("DPO raises the gold reward", "DPO", "gold", 0.15)], gains),
-            "rm": {"model": {"accuracy": 0.7, "bayes_gap": (0.04, 0.005)}}, "bayes_accuracy": 0.75}
+            "rm": {"model": {"accuracy": 0.7, "bayes_gap": (0.04, 0.005)}}, "bayes_accuracy": 0.75,
+            "rm_on_policy": {"all": {"agreement": (0.55 + dpo_gain / 10, 0.01), "best_of_n_gain": (dpo_gain, 0.05),
+                                     "gold_best_of_n_gain": (1.8, 0.05), "pairs": 900}}}
 
 
 def test_seeds_summary_reports_every_lesson_per_seed_and_in_the_mean():
@@ -108,6 +110,8 @@ def test_seeds_summary_reports_every_lesson_per_seed_and_in_the_mean():
     assert "0 of 1 held in every seed and in the mean" in report
     assert "+0.10 ❌" in report and "+0.20 ± 0.10 ✅" in report
     assert "test accuracy 70.0% ± 0.0% (expected over the labels: 71.0% ± 0.0%)" in report
+    assert summary["rm_on_policy"]["agreement"] == pytest.approx((0.57, 0.01))
+    assert "the RM orders 57% ± 1 of the pairs as the gold reward does, and its best sample gains +0.20 ± 0.10" in report
 
 
 def test_numbers_print_with_their_error_in_their_own_unit():
