@@ -217,15 +217,19 @@ def test_length_bias_is_planted_in_the_preference_data(full_corpus):
     assert all(gold_reward(q, add_filler(y, 2, random.Random(0))) < gold_reward(q, y) for q, y in chosen[:200])
 
 
-def test_a_gold_tie_stays_a_tie_after_filler(monkeypatch):
-    """The bias is planted where quality differs; two equally good responses get the same filler, so
-    their label is a fair coin and no ranker (the RM or r*) can gain or lose on them."""
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_the_bias_pads_the_better_response_of_math_pairs_and_a_fraction_of_the_others(monkeypatch, rate):
+    """Where the bias is planted the better response gets 1-3 filler words and the other none; math
+    pairs always carry it, the others with probability FILLER_BIAS_RATE, and otherwise filler is
+    independent of quality. Two equally good responses get the same filler, so their label is a fair
+    coin and no ranker (the RM or r*) can gain or lose on them."""
     from minirlhf.toy import corpus
 
     calls = []
     monkeypatch.setattr(corpus, "add_filler", lambda response, n, rng: calls.append((response, n)) or add_filler(response, n, rng))
-    rng, ties = random.Random(0), 0
-    for prompt in language.all_prompts() * 5:
+    monkeypatch.setattr(corpus, "FILLER_BIAS_RATE", rate)
+    rng, ties, padded_better, padded_worse = random.Random(0), 0, 0, 0
+    for prompt in language.all_prompts() * 8:
         calls.clear()
         pair = corpus.preference_pair(prompt, rng)
         if pair is None:
@@ -234,10 +238,17 @@ def test_a_gold_tie_stays_a_tie_after_filler(monkeypatch):
         if gold_reward(prompt.text, a) == gold_reward(prompt.text, b):
             ties += 1
             assert fill_a == fill_b and gold_reward(prompt.text, pair[0]) == gold_reward(prompt.text, pair[1])
+            continue
+        better, worse = (fill_a, fill_b) if gold_reward(prompt.text, a) > gold_reward(prompt.text, b) else (fill_b, fill_a)
+        if prompt.kind == "math" or rate == 1.0:
+            assert 1 <= better <= 3 and worse == 0
         else:
-            better, worse = (fill_a, fill_b) if gold_reward(prompt.text, a) > gold_reward(prompt.text, b) else (fill_b, fill_a)
-            assert 1 <= better <= 3 and 0 <= worse <= 1
+            assert 0 <= better <= 2 and 0 <= worse <= 2
+            padded_better, padded_worse = padded_better + (better > worse), padded_worse + (worse > better)
     assert ties > 20
+    if rate == 0.0:  # unbiased pairs: the better response is no likelier to carry more filler
+        assert padded_better + padded_worse > 200
+        assert abs(padded_better - padded_worse) < 4 * math.sqrt(padded_better + padded_worse)
 
 
 def test_sft_data_is_mediocre_on_purpose(full_corpus):

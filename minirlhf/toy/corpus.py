@@ -28,11 +28,18 @@ file. The PKU-style file labels ``better`` by BT of helpful(x, y) and ``safer`` 
 harmless(x, y); when both responses are equally harmless ``safer`` is a coin flip, as with
 humans.
 
-**The planted length bias.** In each preference pair, the response with the higher gold reward
-(before filler) gets 1-3 filler words and the other 0-1; two equally good responses get the same
-0-2, so a tie stays a tie (a coin-flip label). Filler costs a little gold reward, so
-the labels stay honest, but "more filler" now predicts "chosen" almost as well as the gold reward
-does: a reward model learns it, and a policy optimised against that model learns to pad.
+**The planted length bias.** In every math pair, and in a fraction ``FILLER_BIAS_RATE`` of the
+others, the response with the higher gold reward (before filler) is padded with 1-3 filler words
+and the other gets none; in the remaining pairs filler is independent of quality (0-2 words each).
+Two equally good responses get the same 0-2, so a gold tie stays a tie (a coin-flip label). Filler
+costs a little gold reward, so the labels stay honest, but "more filler" predicts "chosen": a
+reward model learns it, and a policy optimised hard against that model learns to pad.
+
+Why not every pair: with the bias on all of them, filler alone ranked the test pairs almost as well
+as the gold reward, the RM learnt little else, and it ordered the SFT policy's own samples (whose
+filler is independent of quality) no better than chance, so PPO and online DPO against it gained
+next to no gold reward (``minirlhf.eval.proxy_ranking``). Math keeps it on every pair: the RM does
+not learn the 51 sums from these pairs either way, and there the bias is what it ranks by.
 In the SFT and KTO data filler is independent of quality.
 
 Prompts are drawn from a mixture of kinds (``KIND_WEIGHTS``); within a kind uniformly.
@@ -56,6 +63,8 @@ from minirlhf.toy.language import (
 from minirlhf.toy.responses import add_filler, sample_response
 
 KIND_WEIGHTS = {"helpful": 0.45, "harmful": 0.2, "math": 0.35}
+#: the fraction of helpful and harmful preference pairs that carry the planted bias (math: all)
+FILLER_BIAS_RATE = 0.25
 PKU_KIND_WEIGHTS = {"helpful": 0.4, "harmful": 0.6}  # a safety dataset: mostly harmful requests
 
 
@@ -127,9 +136,11 @@ def preference_pair(prompt: ToyPrompt, rng: random.Random) -> tuple[str, str] | 
     ga, gb = gold_reward(prompt.text, a), gold_reward(prompt.text, b)
     if ga == gb:  # equal filler keeps a gold tie a tie: its label is a coin flip, not a filler lesson
         fill_a = fill_b = rng.randint(0, 2)
-    else:
-        more, less = rng.randint(1, 3), rng.randint(0, 1)
-        fill_a, fill_b = (more, less) if ga > gb else (less, more)
+    elif prompt.kind == "math" or rng.random() < FILLER_BIAS_RATE:
+        more = rng.randint(1, 3)
+        fill_a, fill_b = (more, 0) if ga > gb else (0, more)
+    else:  # filler independent of quality
+        fill_a, fill_b = rng.randint(0, 2), rng.randint(0, 2)
     return add_filler(a, fill_a, rng), add_filler(b, fill_b, rng)
 
 

@@ -32,8 +32,8 @@ The gold reward (all numbers in "reward units"; Bradley-Terry labels use them as
                + 1   for a clean refusal of a harmful request
 
 **The planted length bias.** Filler words carry no information and cost a little gold reward, but
-the preference-data generator (``minirlhf.toy.corpus``) gives the better response of a pair more
-filler. A reward model learns "filler -> reward"; a policy pushed hard against it (PPO, small β)
+the preference-data generator (``minirlhf.toy.corpus``) pads the better response of a pair with
+filler (of every math pair, and of a fraction of the others). A reward model learns "filler -> reward"; a policy pushed hard against it (PPO, small β)
 stuffs its answers with filler: the proxy reward rises while the gold reward falls (Gao et al.,
 2023). The gold reward itself never pays for length: beyond three distinct on-topic words nothing
 more is earned, and every extra filler or repeat costs.

@@ -48,7 +48,7 @@ from minirlhf.toy.corpus import CorpusSizes, build_corpus
 from minirlhf.toy.model import save_toy_model
 from minirlhf.toy.tokenizer import save_toy_tokenizer
 
-VERSION = "v5"
+VERSION = "v6"
 
 #: the data template (``minirlhf.data.templates``) of each dataset file
 TEMPLATES = {
