@@ -82,11 +82,11 @@ QUICK = {
     "online_dpo": dict(steps=3, batch_size=8),
 }
 # Each stage's budget beyond its trainer's toy-world settings. RM: a second epoch teaches it more of
-# what makes an answer good, which is what PPO and online DPO ask of it (the policy's own samples are
-# not ranked by filler). DPO: β = 1 over a third of the pairs keeps the policy near π_SFT. PPO against the
-# learned RM, twice with the same budget: with β = 1 the policy gains gold reward while staying close
-# to π_SFT; with a small β it over-optimises the RM. GRPO: the math reward keeps paying for more than
-# twice the iterations the gold reward needs. Online DPO: twice its trainer's 40 iterations.
+# what makes an answer good, which is what PPO and online DPO ask of it (the policy's own samples
+# are not ranked by filler). DPO: β = 1 over a third of the pairs keeps the policy near π_SFT. PPO,
+# twice with the same budget: with β = 1 the policy gains gold reward while staying close to π_SFT;
+# with a small β it over-optimises the RM. GRPO: the math reward keeps paying for more than twice
+# the iterations the gold reward needs. Online DPO: twice its trainer's 40 iterations.
 RM_EPOCHS = 2.0
 DPO_BETA, DPO_EPOCHS = 1.0, 0.35
 PPO_BETA, SMALL_BETA, PPO_STEPS = 1.0, 0.01, 60
@@ -197,9 +197,9 @@ def evaluate_policy(policy, reference, reward_model, tokenizer, prompt_batches, 
 
     Returns ``{"prompt": [...], "kind": [...], metric: [...] for metric in METRICS}``: one entry per
     response, in the order sampled, ``prompt`` being the index of its held-out prompt (what the
-    standard errors are computed over), ``kind`` its kind and ``math_accuracy`` None off the math prompts. KL(π‖π_ref) of a whole
-    response is estimated by Σ_t [log π(y_t) − log π_ref(y_t)] on samples y ~ π: the k1 estimator
-    summed over the response, unbiased for the sequence-level KL.
+    standard errors are computed over), ``kind`` that prompt's kind, and ``math_accuracy`` None off
+    the math prompts. KL(π‖π_ref) of a whole response is estimated by Σ_t [log π(y_t) − log π_ref(y_t)]
+    on samples y ~ π: the k1 estimator summed over the response, unbiased for the sequence-level KL.
     """
     rows = {key: [] for key in ("prompt", "kind", *METRICS)}
     first = 0
@@ -357,7 +357,8 @@ def run_seed(args: PipelineArgs):
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})
-    results = {"seed": args.seed, "settings": settings(args), "rm": rm_eval, "bayes_accuracy": bayes, "rm_on_policy": rm_on_policy,
+    results = {"seed": args.seed, "settings": settings(args), "rm": rm_eval, "bayes_accuracy": bayes,
+               "rm_on_policy": rm_on_policy,
                "eval": {"prompts": sum(len(batch["prompts"]) for batch in batches), "samples": args.eval_samples},
                "policies": means, "errors": errors, "gains": gains, "lessons": check_lessons(LESSONS, gains),
                "seconds": time.perf_counter() - started, "machine": machine(), "load_average": load_average()}
