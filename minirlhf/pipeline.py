@@ -352,8 +352,8 @@ def run_seed(args: PipelineArgs):
     # ... and how it ranks the SFT policy's own samples, which is what PPO and online DPO ask of it.
     sft_rows, rm_on_policy = per_response["SFT"], {}
     for kind in ("all", *sorted(set(sft_rows["kind"]))):
-        keep = [i for i, k in enumerate(sft_rows["kind"]) if kind in ("all", k)]
-        rm_on_policy[kind] = proxy_ranking(*([sft_rows[key][i] for i in keep] for key in ("gold", "proxy", "prompt")))
+        rows = [row for *row, k in zip(sft_rows["gold"], sft_rows["proxy"], sft_rows["prompt"], sft_rows["kind"]) if kind in ("all", k)]
+        rm_on_policy[kind] = proxy_ranking(*map(list, zip(*rows)))
 
     # 9. Plots and report.
     written = make_plots(out, out / "rm" / "eval", per_response, {"PPO": out / "ppo", "PPO (small β)": out / "ppo_small_beta"})
