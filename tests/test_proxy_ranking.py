@@ -74,6 +74,8 @@ def test_mismatched_lengths_are_refused_and_gold_ties_leave_agreement_undefined(
         proxy_ranking([1.0, 2.0, 3.0], [1.0, 2.0], [0, 0, 1])
     with pytest.raises(ValueError, match="no responses"):
         proxy_ranking([], [], [])
+    with pytest.raises(ValueError, match=r"proxy\[1\] is nan; expected a finite reward"):
+        proxy_ranking([1.0, 2.0], [0.0, float("nan")], [0, 0])
     tied = proxy_ranking([1.0, 1.0, 2.0], [0.0, 1.0, 0.0], [0, 0, 1])  # no pair with different gold rewards
     assert math.isnan(tied["agreement"][0]) and tied["pairs"] == 0
     assert tied["best_of_n_gain"] == (0.0, 0.0)

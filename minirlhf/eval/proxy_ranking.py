@@ -19,7 +19,7 @@ has agreement 1 and the largest gain; a proxy that knows nothing has agreement Â
 expectation.
 
 Shapes: ``gold``, ``proxy`` and ``prompt_ids`` are equal-length lists, one entry per response;
-responses to the same prompt share a prompt id (in any order).
+responses to the same prompt share a prompt id (in any order). Rewards must be finite.
 """
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def proxy_ranking(gold: list, proxy: list, prompt_ids: list) -> dict:
                          f"{len(prompt_ids)} prompt ids; expected one of each per response")
     if not gold:
         raise ValueError("proxy_ranking: no responses")
+    for name, values in (("gold", gold), ("proxy", proxy)):
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        if bad is not None:
+            raise ValueError(f"proxy_ranking: {name}[{bad}] is {values[bad]!r}; expected a finite reward")
     groups = {}
     for g, r, prompt in zip(gold, proxy, prompt_ids):
         groups.setdefault(prompt, []).append((float(g), float(r)))
